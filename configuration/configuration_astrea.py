@@ -1,0 +1,344 @@
+"""Configuration of Astrea: the LLM, the four expert towers and the modules that join them.
+
+An :class:`AstreaConfig` is a composite transformers config. It holds
+
+* ``text_config`` -- any causal-LM config (Vicuna/Llama, Yi, Qwen2, ...);
+* one :class:`AstreaExpertConfig` per expert role, named after the paper's four pre-alignment
+  stages: ``caption_config`` (global / captioning), ``classification_config`` (tagging),
+  ``detection_config`` and ``segmentation_config``. A role set to ``None`` disables that expert;
+* the fields of the projectors, the residual bridge (eq. 2-4), the MoE fusion (eq. 9-10) and the
+  momentum-contrast loss (eq. 5-8, 11).
+
+Every sub-config must be complete: transformers builds a sub-config given as a dict with *its
+class defaults*, so ``text_config={"vocab_size": 100}`` means a 7B Llama with a 100-word vocabulary.
+The presets in :mod:`astrea_vlm.configuration.presets` are the easy way to get a consistent config.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+#: The expert roles, in the paper's default (coarse-to-fine) pre-alignment order.
+EXPERT_ROLES = ("caption", "classification", "detection", "segmentation")
+
+#: Tower kinds the factory in ``astrea_vlm.modeling.towers`` can build.
+TOWER_KINDS = ("siglip", "ram_plus", "grounding_dino", "sam2", "hf_vision", "timm")
+
+#: Kinds whose tokens sit on a 2-D grid (resampled by area pooling / bilinear interpolation).
+GRID_TOWER_KINDS = ("siglip", "ram_plus", "sam2", "hf_vision", "timm")
+
+#: ``tower_config`` model types each kind accepts (None: any).
+_TOWER_MODEL_TYPES = {
+    "siglip": ("siglip_vision_model", "siglip2_vision_model"),
+    "ram_plus": ("timm_wrapper",),
+    "grounding_dino": ("grounding-dino",),
+    "sam2": ("sam2_vision_model",),
+    "hf_vision": None,
+    "timm": ("timm_wrapper",),
+}
+
+
+def _check(condition: bool, field: str, value: Any, why: str) -> None:
+    if not condition:
+        raise ValueError(f"AstreaConfig: invalid `{field}`={value!r}: {why}")
+
+
+class AstreaExpertConfig(PreTrainedConfig):
+    r"""One expert vision tower and how its tokens are taken.
+
+    Args:
+        kind (`str`, defaults to `"siglip"`):
+            Tower implementation, one of ``siglip``, ``ram_plus`` (a timm Swin loaded from RAM++
+            checkpoints), ``grounding_dino``, ``sam2`` (transformers' Hiera + FPN image encoder,
+            loading original SAM2 ``.pt`` checkpoints), ``hf_vision`` (any transformers vision
+            model: CLIP, EVA-CLIP, DINOv2, SigLIP variants) or ``timm`` (any timm backbone).
+        tower_config (`dict` or `PreTrainedConfig`):
+            The tower's own config: a transformers vision config for the transformers kinds, a
+            ``timm_wrapper`` config (``architecture`` + ``model_args``) for ``ram_plus``/``timm``.
+            Always complete; see the module docstring.
+        pretrained (`str`, *optional*):
+            Hub id or local path of the tower's real weights (used when an Astrea model is
+            assembled from pretrained parts; never read when a saved Astrea folder is loaded,
+            whose safetensors already hold the tower).
+        image_size (`int`, defaults to 384):
+            Square side, in pixels, of the images this tower reads.
+        image_mean (`list[float]`), image_std (`list[float]`):
+            Per-channel normalisation of the tower's pixels (used by the processor).
+        feature_layer (`int`, defaults to -1):
+            Hidden layer whose tokens are used (transformers ViT-like towers: -1 last, -2 the
+            penultimate as in LLaVA). Ignored by towers without a layer stack.
+        token_source (`str`, defaults to `"encoder"`):
+            ``grounding_dino`` only. ``"encoder"``: the text-enhanced image memory of one pyramid
+            level (a grid, spatially aligned with the other experts); ``"queries"``: the top-N
+            decoder queries ranked by detection score, each with its box appended.
+        feature_level (`int`, defaults to 0):
+            Pyramid level read by multi-scale towers (``grounding_dino`` encoder, ``sam2`` FPN);
+            0 is the finest. For SAM2's FPN the finest level of ``fpn_hidden_states`` is stride 4;
+            the paper presets take the stride-16 image embedding.
+        prompt_ids (`list[int]`, *optional*):
+            ``grounding_dino`` only: token ids of the fixed, class-agnostic text prompt fed to the
+            detector's text branch (the default prompt of the presets is "object .").
+        frozen (`bool`, defaults to `True`):
+            Keep the tower in eval mode without gradients (the paper's setting).
+    """
+
+    model_type = "astrea_expert"
+    sub_configs_defaults = {
+        "tower_config": SubConfigSpec(config_class=AutoConfig, model_type="siglip_vision_model"),
+    }
+
+    kind: str = "siglip"
+    tower_config: dict | PreTrainedConfig | None = None
+    pretrained: str | None = None
+    image_size: int = 384
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
+    feature_layer: int = -1
+    token_source: str = "encoder"
+    feature_level: int = 0
+    prompt_ids: list[int] | None = None
+    frozen: bool = True
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.image_mean is None:
+            self.image_mean = [0.5, 0.5, 0.5]
+        if self.image_std is None:
+            self.image_std = [0.5, 0.5, 0.5]
+        self.validate_expert()
+
+    def validate_expert(self, prefix: str = "expert") -> None:
+        _check(self.kind in TOWER_KINDS, f"{prefix}.kind", self.kind, f"unknown expert kind; choose one of {TOWER_KINDS}")
+        allowed = _TOWER_MODEL_TYPES[self.kind]
+        model_type = getattr(self.tower_config, "model_type", None)
+        _check(
+            allowed is None or model_type in allowed,
+            f"{prefix}.tower_config.model_type",
+            model_type,
+            f"a `{self.kind}` tower needs a tower_config of model_type {allowed}",
+        )
+        _check(isinstance(self.image_size, int) and self.image_size > 0, f"{prefix}.image_size", self.image_size, "must be a positive int")
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            _check(len(value) == 3, f"{prefix}.{name}", value, "needs 3 channel values")
+        _check(all(s > 0 for s in self.image_std), f"{prefix}.image_std", self.image_std, "must be > 0")
+        _check(self.token_source in ("encoder", "queries"), f"{prefix}.token_source", self.token_source, "use 'encoder' or 'queries'")
+        _check(self.feature_level >= 0, f"{prefix}.feature_level", self.feature_level, "must be >= 0")
+
+    @property
+    def is_grid(self) -> bool:
+        """Whether the tower's tokens lie on a 2-D grid."""
+        return self.kind in GRID_TOWER_KINDS or (self.kind == "grounding_dino" and self.token_source == "encoder")
+
+
+def _expert_spec() -> SubConfigSpec:
+    return SubConfigSpec(config_class=AstreaExpertConfig, optional=True)
+
+
+class AstreaConfig(PreTrainedConfig):
+    r"""Configuration of :class:`AstreaForConditionalGeneration`.
+
+    The defaults describe the paper's 13B model (``astrea-13b``): Vicuna-1.5-13B, SigLIP
+    SO400M/14@384, RAM++ Swin-L@384, the open Grounding-DINO and SAM2 Hiera-L. Use
+    :func:`astrea_vlm.configuration.presets.get_preset` for ``tiny`` / ``astrea-13b`` / ``astrea-34b``.
+
+    Args:
+        text_config (`dict` or `PreTrainedConfig`):
+            Complete config of the causal LM. Its ``hidden_size`` is the visual-token width D.
+        caption_config, classification_config, detection_config, segmentation_config
+        (`dict` or `AstreaExpertConfig`, *optional*):
+            The four experts. ``None`` for a role drops that expert (it must then be absent from
+            ``expert_order``).
+        expert_order (`list[str]`, defaults to caption, classification, detection, segmentation):
+            Pre-alignment stage order (coarse to fine). It also fixes the residual bridge: the
+            expert at position k reads the cached features of the experts before it (eq. 3).
+            Table 6's reverse order is ``["segmentation", "detection", "classification", "caption"]``.
+        num_visual_tokens (`int`, defaults to 576):
+            Tokens per image after fusion. Every expert is resampled to this count, so that eq.
+            10's weighted sum is over aligned tokens: grid towers by area pooling (downsampling)
+            or bilinear interpolation (upsampling) on the 2-D grid, which needs a perfect square;
+            Grounding-DINO in ``queries`` mode by keeping the top-N queries, which needs
+            ``N <= num_queries``.
+        image_token_id (`int`):
+            Id of the ``<image>`` placeholder; each occurrence is replaced by one visual token.
+        projector_hidden_act (`str`, defaults to `"gelu"`), projector_depth (`int`, defaults to 2):
+            Per-expert FFN projector ``D_i -> D`` (``depth`` Linear layers with the activation between).
+        bridge_gamma (`float`, defaults to 1.0):
+            gamma of eq. 3, the weight of the residual sum of earlier experts' features.
+        bridge_p (`float`, defaults to 0.5):
+            Probability that p_i = 1 (eq. 3) during training. In eval the rule is deterministic:
+            every earlier expert is used, scaled by ``bridge_p`` (the expectation of the training
+            sum, as in dropout), so that eval sees the mean of the training-time query.
+        bridge_num_heads (`int`, defaults to 8):
+            Heads of the bridge's cross-attention; must divide ``text_config.hidden_size``.
+        bridge_gate_init (`float`, defaults to 0.0):
+            Initial value of the tanh gate on the bridge output. At 0 a freshly built model
+            equals the projector-only path: ``f'_k = f_k + tanh(g) * Attn(Q, K, V)``.
+        fusion_top_k (`int`, defaults to 3):
+            k of eq. 10: experts kept per sample (1 <= k <= number of experts).
+        fusion_adapter_dim (`int`, *optional*):
+            Hidden width of each expert's MLP adapter F_i (eq. 10); defaults to the LLM width.
+        fusion_router_input (`str`, defaults to `"visual"`):
+            What the linear router reads: ``"visual"`` the mean-pooled projected tokens of all
+            experts (concatenated), or ``"visual+text"`` those plus the mean embedding of the
+            instruction tokens.
+        fusion_load_balance_coef (`float`, defaults to 0.0):
+            Weight of a Switch-style load-balancing loss added to ``loss`` when labels are given;
+            0 disables it (the paper uses none).
+        moco_queue_size (`int`, defaults to 4096), moco_momentum (`float`, defaults to 0.999),
+        moco_temperature (`float`, defaults to 0.07), moco_lambda (`float`, defaults to 0.5),
+        moco_mu (`float`, defaults to 0.1), moco_dim (`int`, defaults to 256):
+            Momentum contrast (eq. 5-8, 11): queue length N, EMA coefficient m, temperature tau,
+            row/column weight lambda, loss weight mu and the width of the contrast embedding.
+            They are used by the trainer; the model only stores them.
+        tie_word_embeddings (`bool`, defaults to `False`): tie the LM head to the input embeddings.
+    """
+
+    model_type = "astrea"
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+        "caption_config": _expert_spec(),
+        "classification_config": _expert_spec(),
+        "detection_config": _expert_spec(),
+        "segmentation_config": _expert_spec(),
+    }
+
+    text_config: dict | PreTrainedConfig | None = None
+    caption_config: dict | PreTrainedConfig | None = None
+    classification_config: dict | PreTrainedConfig | None = None
+    detection_config: dict | PreTrainedConfig | None = None
+    segmentation_config: dict | PreTrainedConfig | None = None
+    expert_order: list[str] | None = None
+    num_visual_tokens: int = 576
+    image_token_id: int = 32000
+    projector_hidden_act: str = "gelu"
+    projector_depth: int = 2
+    bridge_gamma: float = 1.0
+    bridge_p: float = 0.5
+    bridge_num_heads: int = 8
+    bridge_gate_init: float = 0.0
+    fusion_top_k: int = 3
+    fusion_adapter_dim: int | None = None
+    fusion_router_input: str = "visual"
+    fusion_load_balance_coef: float = 0.0
+    moco_queue_size: int = 4096
+    moco_momentum: float = 0.999
+    moco_temperature: float = 0.07
+    moco_lambda: float = 0.5
+    moco_mu: float = 0.1
+    moco_dim: int = 256
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        no_experts = all(getattr(self, f"{r}_config") is None for r in EXPERT_ROLES)
+        if self.text_config is None and no_experts:
+            # A bare AstreaConfig() describes the paper's 13B model (transformers convention).
+            from .presets import paper_13b_parts
+
+            parts = paper_13b_parts()
+            self.text_config = parts.pop("text_config")
+            for key, value in parts.items():
+                setattr(self, key, value)
+        for role in EXPERT_ROLES:
+            # Build expert sub-configs here so that their errors name the role's field.
+            value = getattr(self, f"{role}_config")
+            if isinstance(value, dict):
+                try:
+                    setattr(self, f"{role}_config", AstreaExpertConfig(**value))
+                except ValueError as error:
+                    raise ValueError(str(error).replace("`expert.", f"`{role}_config.")) from None
+        super().__post_init__(**kwargs)
+        if self.expert_order is None:
+            self.expert_order = [r for r in EXPERT_ROLES if getattr(self, f"{r}_config") is not None]
+        self.expert_order = list(self.expert_order)
+        self.validate()
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def expert_configs(self) -> dict[str, AstreaExpertConfig]:
+        """Enabled experts in ``expert_order`` (the stage order)."""
+        return {role: getattr(self, f"{role}_config") for role in self.expert_order}
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_order)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config.hidden_size
+
+    @property
+    def visual_grid(self) -> tuple[int, int] | None:
+        side = math.isqrt(self.num_visual_tokens)
+        return (side, side) if side * side == self.num_visual_tokens else None
+
+    # --------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field and value for any inconsistent setting."""
+        _check(self.text_config is not None, "text_config", None, "an LLM config is required")
+        for role in EXPERT_ROLES:
+            expert = getattr(self, f"{role}_config")
+            if expert is not None:
+                _check(isinstance(expert, AstreaExpertConfig), f"{role}_config", type(expert).__name__, "must be an AstreaExpertConfig or dict")
+                expert.validate_expert(prefix=f"{role}_config")
+        order = self.expert_order
+        unknown = [r for r in order if r not in EXPERT_ROLES]
+        _check(not unknown, "expert_order", order, f"unknown role(s) {unknown}; roles are {EXPERT_ROLES}")
+        _check(len(set(order)) == len(order), "expert_order", order, "lists a role twice")
+        missing = [r for r in order if getattr(self, f"{r}_config") is None]
+        _check(not missing, "expert_order", order, f"role(s) {missing} have no expert config (set `<role>_config`)")
+        unused = [r for r in EXPERT_ROLES if getattr(self, f"{r}_config") is not None and r not in order]
+        _check(not unused, "expert_order", order, f"configured expert(s) {unused} are missing from the order")
+        _check(len(order) >= 1, "expert_order", order, "at least one expert is needed")
+
+        n = self.num_visual_tokens
+        _check(isinstance(n, int) and n > 0, "num_visual_tokens", n, "must be a positive int")
+        for role, expert in self.expert_configs.items():
+            if expert.is_grid:
+                _check(
+                    self.visual_grid is not None,
+                    "num_visual_tokens",
+                    n,
+                    f"the {role} expert ({expert.kind}) has grid tokens, which are resampled on a square grid; "
+                    f"use a perfect square such as {math.isqrt(n) ** 2 or 1} or {(math.isqrt(n) + 1) ** 2}",
+                )
+            else:
+                num_queries = expert.tower_config.num_queries
+                _check(
+                    n <= num_queries,
+                    "num_visual_tokens",
+                    n,
+                    f"the {role} expert keeps its top-N of {num_queries} decoder queries; "
+                    f"lower num_visual_tokens or raise detection num_queries",
+                )
+
+        vocab = self.text_config.vocab_size
+        _check(0 <= self.image_token_id < vocab, "image_token_id", self.image_token_id, f"must index the LLM vocabulary (size {vocab})")
+        _check(self.projector_depth >= 1, "projector_depth", self.projector_depth, "must be >= 1")
+        _check(self.bridge_gamma >= 0, "bridge_gamma", self.bridge_gamma, "must be >= 0")
+        _check(0.0 <= self.bridge_p <= 1.0, "bridge_p", self.bridge_p, "a probability must lie in [0, 1]")
+        d = self.text_config.hidden_size
+        _check(
+            self.bridge_num_heads >= 1 and d % self.bridge_num_heads == 0,
+            "bridge_num_heads",
+            self.bridge_num_heads,
+            f"must divide the LLM width {d}",
+        )
+        k, e = self.fusion_top_k, self.num_experts
+        _check(1 <= k <= e, "fusion_top_k", k, f"must be between 1 and the number of experts ({e})")
+        _check(self.fusion_adapter_dim is None or self.fusion_adapter_dim > 0, "fusion_adapter_dim", self.fusion_adapter_dim, "must be > 0")
+        _check(self.fusion_router_input in ("visual", "visual+text"), "fusion_router_input", self.fusion_router_input, "use 'visual' or 'visual+text'")
+        _check(self.fusion_load_balance_coef >= 0, "fusion_load_balance_coef", self.fusion_load_balance_coef, "must be >= 0")
+        _check(self.moco_queue_size >= 1, "moco_queue_size", self.moco_queue_size, "must be >= 1")
+        _check(0.0 <= self.moco_momentum < 1.0, "moco_momentum", self.moco_momentum, "m must lie in [0, 1) (eq. 8)")
+        _check(self.moco_temperature > 0, "moco_temperature", self.moco_temperature, "tau must be > 0")
+        _check(0.0 <= self.moco_lambda <= 1.0, "moco_lambda", self.moco_lambda, "lambda must lie in [0, 1]")
+        _check(self.moco_mu >= 0, "moco_mu", self.moco_mu, "mu must be >= 0")
+        _check(self.moco_dim >= 1, "moco_dim", self.moco_dim, "must be >= 1")
+
+
+__all__ = ["AstreaConfig", "AstreaExpertConfig", "EXPERT_ROLES", "TOWER_KINDS"]

@@ -1,0 +1,1 @@
+"""astrea_vlm.eval."""

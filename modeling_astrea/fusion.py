@@ -1,0 +1,92 @@
+"""Mixture-of-experts fusion of the expert features (paper eq. 9-10).
+
+``ExpertRouter`` is one linear layer. It reads, per image, the mean-pooled tokens of every expert
+(concatenated, ``E * D`` values) and -- with ``fusion_router_input="visual+text"`` -- the mean
+embedding of the sample's instruction tokens. Routing is per image rather than per token: the
+paper's analysis (Fig. 2) is of expert weights per task, and one weight per expert and image keeps
+the fused tokens spatially coherent.
+
+``MoEFusion`` keeps the top-k router logits, softmaxes over the kept ones (eq. 9 over the surviving
+set; dropped experts get probability exactly 0) and mixes per-expert MLP adapters::
+
+    f = sum_{i in topk} P_i * F_i(f_i)                                       (eq. 10)
+
+Only the kept experts' adapters run. The optional load-balancing loss is the Switch-Transformer
+form ``E * sum_i frac_i * mean_prob_i`` with ``frac_i`` the share of top-k slots expert i takes and
+``mean_prob_i`` its mean full-softmax probability.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+
+class ExpertRouter(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, use_text: bool):
+        super().__init__()
+        self.use_text = use_text
+        in_dim = num_experts * hidden_size + (hidden_size if use_text else 0)
+        self.linear = nn.Linear(in_dim, num_experts)
+
+    def forward(self, expert_features: list[torch.Tensor], text_features: torch.Tensor | None = None) -> torch.Tensor:
+        pooled = [feature.mean(dim=1) for feature in expert_features]
+        if self.use_text:
+            if text_features is None:
+                text_features = torch.zeros_like(pooled[0])
+            pooled.append(text_features.to(pooled[0].dtype))
+        return self.linear(torch.cat(pooled, dim=-1))
+
+
+class ExpertAdapter(nn.Module):
+    """F_i of eq. 10: a two-layer MLP on one expert's tokens."""
+
+    def __init__(self, hidden_size: int, adapter_dim: int, act: str = "gelu"):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, adapter_dim)
+        self.act = ACT2FN[act]
+        self.fc2 = nn.Linear(adapter_dim, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+@dataclass
+class FusionOutput:
+    fused: torch.Tensor  # (B, N, D)
+    router_logits: torch.Tensor  # (B, E)
+    router_probs: torch.Tensor  # (B, E), zeros outside the top-k
+    load_balance_loss: torch.Tensor  # scalar
+
+
+class MoEFusion(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, adapter_dim: int, top_k: int, use_text: bool, act: str = "gelu"):
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.router = ExpertRouter(num_experts, hidden_size, use_text)
+        self.adapters = nn.ModuleList(ExpertAdapter(hidden_size, adapter_dim, act) for _ in range(num_experts))
+
+    def route(self, logits: torch.Tensor) -> torch.Tensor:
+        """Top-k then softmax over the kept logits; probabilities of dropped experts are 0."""
+        kept_logits, kept_index = logits.topk(self.top_k, dim=-1)
+        probs = torch.zeros_like(logits)
+        return probs.scatter(-1, kept_index, kept_logits.softmax(dim=-1))
+
+    def forward(self, expert_features: list[torch.Tensor], text_features: torch.Tensor | None = None) -> FusionOutput:
+        logits = self.router(expert_features, text_features).float()
+        probs = self.route(logits)
+        fused = torch.zeros_like(expert_features[0])
+        for index, (adapter, feature) in enumerate(zip(self.adapters, expert_features)):
+            rows = probs[:, index].nonzero(as_tuple=True)[0]
+            if rows.numel() == 0:
+                continue
+            weight = probs[rows, index].to(feature.dtype)[:, None, None]
+            fused = fused.index_add(0, rows, weight * adapter(feature[rows]))
+        full = logits.softmax(dim=-1)
+        share = (probs > 0).float().mean(dim=0) / self.top_k
+        balance = self.num_experts * (share * full.mean(dim=0)).sum()
+        return FusionOutput(fused=fused, router_logits=logits, router_probs=probs, load_balance_loss=balance)

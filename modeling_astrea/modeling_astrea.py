@@ -1,0 +1,386 @@
+"""Astrea: expert towers -> projectors -> residual bridges -> MoE fusion -> causal LM.
+
+The layout follows transformers' LLaVA, which TRL and PEFT expect:
+
+* :class:`AstreaModel` (the backbone, ``base_model_prefix = "model"``) owns the towers, the
+  projectors, the bridges, the fusion and ``language_model``; it puts the fused visual tokens in
+  place of the ``<image>`` placeholders and returns ``last_hidden_state``.
+* :class:`AstreaForConditionalGeneration` adds ``lm_head``, the loss and ``generate``.
+
+Forward, top to bottom, for each image (one run of ``num_visual_tokens`` ``<image>`` tokens):
+
+1. each expert tower reads its own pixels (``pixel_values_<role>``: every tower has its own
+   resolution and normalisation) -> tokens ``(n_img, N_i, D_i)``;
+2. tokens are resampled to ``num_visual_tokens`` and projected to the LLM width: ``f_i`` (eq. 10's
+   FFN output, and the ``C_i`` of the feature cache); precomputed ``C_i`` can be passed instead
+   with ``expert_features={role: tensor}``, which skips that tower and projector;
+3. the expert at stage position k>0 passes through its :class:`ResidualBridge` over the earlier
+   experts' ``C_i`` (eq. 2-4);
+4. :class:`MoEFusion` routes per image, keeps the top-k experts and mixes their adapters (eq. 9-10).
+
+``generate`` computes steps 1-4 once, in the prefill; the decode steps only run the LLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+
+from ..configuration.configuration_astrea import EXPERT_ROLES, AstreaConfig
+from .bridge import ResidualBridge
+from .fusion import MoEFusion
+from .projector import ExpertProjector, resample_tokens
+from .towers import ExpertTower, build_tower
+
+PIXEL_KEYS = tuple(f"pixel_values_{role}" for role in EXPERT_ROLES)
+
+
+@dataclass
+class AstreaVisualOutput(ModelOutput):
+    """Visual side of one forward pass.
+
+    Args:
+        fused (`(n_images, N, D)`): fused visual tokens that replace the ``<image>`` placeholders.
+        expert_features (`dict[str, (n_images, N, D)]`): projector outputs ``C_i`` per expert.
+        bridged_features (`dict[str, (n_images, N, D)]`): expert features after the residual bridge.
+        router_logits, router_probs (`(n_images, E)`): router outputs, experts in ``expert_order``.
+        load_balance_loss (`()`): the Switch-style balancing term (used when its coefficient > 0).
+    """
+
+    fused: torch.Tensor | None = None
+    expert_features: dict[str, torch.Tensor] | None = None
+    bridged_features: dict[str, torch.Tensor] | None = None
+    router_logits: torch.Tensor | None = None
+    router_probs: torch.Tensor | None = None
+    load_balance_loss: torch.Tensor | None = None
+
+
+@dataclass
+class AstreaModelOutputWithPast(BaseModelOutputWithPast):
+    """:class:`BaseModelOutputWithPast` plus the visual side (``None`` when no image was given)."""
+
+    image_hidden_states: torch.Tensor | None = None
+    router_logits: torch.Tensor | None = None
+    router_probs: torch.Tensor | None = None
+    load_balance_loss: torch.Tensor | None = None
+
+
+@dataclass
+class AstreaCausalLMOutputWithPast(ModelOutput):
+    """Output of :class:`AstreaForConditionalGeneration`.
+
+    ``loss`` is the autoregressive loss on answer tokens (``labels != -100``; ``<image>`` positions
+    are never targets) plus ``fusion_load_balance_coef * load_balance_loss``.
+    ``router_logits`` / ``router_probs`` are ``(n_images, num_experts)`` in ``config.expert_order``.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    image_hidden_states: torch.Tensor | None = None
+    router_logits: torch.Tensor | None = None
+    router_probs: torch.Tensor | None = None
+    load_balance_loss: torch.Tensor | None = None
+
+
+class AstreaPreTrainedModel(PreTrainedModel):
+    config: AstreaConfig
+    config_class = AstreaConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ExpertTower", "ResidualBridge", "MoEFusion"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # `init.*` skip tensors already loaded by from_pretrained (they carry `_is_hf_initialized`).
+        std = getattr(self.config.text_config, "initializer_range", 0.02)
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, ResidualBridge):
+            init.constant_(module.gate, module.gate_init)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        # Non-persistent tower buffers (relative-position indices, masks) are not in the checkpoint.
+        for module in model.modules():
+            if isinstance(module, ExpertTower):
+                module.restore_non_persistent_buffers()
+        return model
+
+
+class AstreaModel(AstreaPreTrainedModel):
+    def __init__(self, config: AstreaConfig):
+        super().__init__(config)
+        hidden = config.text_config.hidden_size
+        self.expert_order = list(config.expert_order)
+        self.towers = nn.ModuleDict({role: build_tower(cfg) for role, cfg in config.expert_configs.items()})
+        self.projectors = nn.ModuleDict(
+            {
+                role: ExpertProjector(tower.out_dim, hidden, config.projector_depth, config.projector_hidden_act)
+                for role, tower in self.towers.items()
+            }
+        )
+        self.bridges = nn.ModuleDict(
+            {
+                role: ResidualBridge(hidden, config.bridge_num_heads, config.bridge_gamma, config.bridge_p, config.bridge_gate_init)
+                for role in self.expert_order[1:]
+            }
+        )
+        self.fusion = MoEFusion(
+            num_experts=config.num_experts,
+            hidden_size=hidden,
+            adapter_dim=config.fusion_adapter_dim or hidden,
+            top_k=config.fusion_top_k,
+            use_text=config.fusion_router_input == "visual+text",
+            act=config.projector_hidden_act,
+        )
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    # ------------------------------------------------------------------ visual side
+    def get_expert_features(
+        self,
+        pixel_values: dict[str, torch.Tensor] | None = None,
+        expert_features: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Projector outputs ``C_i`` ``(n_images, N, D)`` per expert, from pixels or precomputed."""
+        pixel_values = pixel_values or {}
+        expert_features = expert_features or {}
+        out = {}
+        for role in self.expert_order:
+            if role in expert_features:
+                out[role] = expert_features[role]
+                continue
+            pixels = pixel_values.get(role)
+            if pixels is None:
+                raise ValueError(
+                    f"no input for the {role} expert: pass `pixel_values_{role}` (AstreaProcessor makes it) "
+                    f"or its precomputed features in `expert_features['{role}']`"
+                )
+            tower = self.towers[role]
+            tokens = resample_tokens(tower(pixels), tower.grid, self.config.num_visual_tokens)
+            projector = self.projectors[role]
+            out[role] = projector(tokens.to(projector.layers[0].weight.dtype))
+        counts = {role: feature.shape[0] for role, feature in out.items()}
+        if len(set(counts.values())) > 1:
+            raise ValueError(f"every expert needs the same number of images, got {counts}")
+        return out
+
+    def get_image_features(
+        self,
+        pixel_values: dict[str, torch.Tensor] | None = None,
+        expert_features: dict[str, torch.Tensor] | None = None,
+        text_features: torch.Tensor | None = None,
+        bridge_generator: torch.Generator | None = None,
+    ) -> AstreaVisualOutput:
+        """Steps 1-4 of the module docstring: fused visual tokens plus the router outputs."""
+        features = self.get_expert_features(pixel_values, expert_features)
+        bridged = {}
+        for position, role in enumerate(self.expert_order):
+            previous = [features[earlier] for earlier in self.expert_order[:position]]
+            bridged[role] = self.bridges[role](features[role], previous, bridge_generator) if previous else features[role]
+        fusion = self.fusion([bridged[role] for role in self.expert_order], text_features)
+        return AstreaVisualOutput(
+            fused=fusion.fused,
+            expert_features=features,
+            bridged_features=bridged,
+            router_logits=fusion.router_logits,
+            router_probs=fusion.router_probs,
+            load_balance_loss=fusion.load_balance_loss,
+        )
+
+    def _text_features_per_image(self, input_ids, inputs_embeds, attention_mask, image_mask, n_images):
+        """Mean embedding of each sample's text tokens, repeated for each of its images (router input)."""
+        text_mask = ~image_mask
+        if attention_mask is not None and attention_mask.dim() == 2:
+            text_mask = text_mask & attention_mask.bool()
+        weights = text_mask.to(inputs_embeds.dtype)[..., None]
+        per_sample = (inputs_embeds * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        images_per_sample = image_mask.sum(1) // self.config.num_visual_tokens
+        return per_sample.repeat_interleave(images_per_sample, dim=0)
+
+    # ----------------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        pixel_values_caption: torch.FloatTensor | None = None,
+        pixel_values_classification: torch.FloatTensor | None = None,
+        pixel_values_detection: torch.FloatTensor | None = None,
+        pixel_values_segmentation: torch.FloatTensor | None = None,
+        expert_features: dict[str, torch.Tensor] | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> AstreaModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        pixel_values = {
+            role: value
+            for role, value in zip(
+                EXPERT_ROLES,
+                (pixel_values_caption, pixel_values_classification, pixel_values_detection, pixel_values_segmentation),
+            )
+            if value is not None
+        }
+        visual = None
+        if pixel_values or expert_features:
+            if input_ids is None:
+                raise ValueError("images need `input_ids` holding the <image> placeholders, not `inputs_embeds`")
+            image_mask = input_ids == self.config.image_token_id
+            n_tokens = int(image_mask.sum())
+            n_images = next(iter({**pixel_values, **(expert_features or {})}.values())).shape[0]
+            per_image = self.config.num_visual_tokens
+            if n_tokens != n_images * per_image:
+                raise ValueError(
+                    f"the text holds {n_tokens} <image> tokens but {n_images} image(s) x {per_image} visual tokens "
+                    f"= {n_images * per_image} are needed; build the inputs with AstreaProcessor, which expands each "
+                    f"<image> to {per_image} tokens"
+                )
+            text_features = None
+            if self.fusion.router.use_text:
+                text_features = self._text_features_per_image(input_ids, inputs_embeds, attention_mask, image_mask, n_images)
+            visual = self.get_image_features(pixel_values, expert_features, text_features)
+            fused = visual.fused.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], fused.reshape(-1, fused.shape[-1]))
+        elif input_ids is not None and past_key_values is None and bool((input_ids == self.config.image_token_id).any()):
+            raise ValueError("the text holds <image> tokens but no pixel values were given; pass the images to the processor")
+
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return AstreaModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=None if visual is None else visual.fused,
+            router_logits=None if visual is None else visual.router_logits,
+            router_probs=None if visual is None else visual.router_probs,
+            load_balance_loss=None if visual is None else visual.load_balance_loss,
+        )
+
+
+class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: AstreaConfig):
+        super().__init__(config)
+        self.model = AstreaModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def get_image_features(self, **kwargs) -> AstreaVisualOutput:
+        return self.model.get_image_features(**kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        pixel_values_caption: torch.FloatTensor | None = None,
+        pixel_values_classification: torch.FloatTensor | None = None,
+        pixel_values_detection: torch.FloatTensor | None = None,
+        pixel_values_segmentation: torch.FloatTensor | None = None,
+        expert_features: dict[str, torch.Tensor] | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> AstreaCausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            pixel_values_caption=pixel_values_caption,
+            pixel_values_classification=pixel_values_classification,
+            pixel_values_detection=pixel_values_detection,
+            pixel_values_segmentation=pixel_values_segmentation,
+            expert_features=expert_features,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+
+        loss = None
+        if labels is not None:
+            if input_ids is not None:
+                # <image> placeholders are inputs, never targets.
+                labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+            if self.config.fusion_load_balance_coef > 0 and outputs.load_balance_loss is not None:
+                loss = loss + self.config.fusion_load_balance_coef * outputs.load_balance_loss
+
+        return AstreaCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+            router_logits=outputs.router_logits,
+            router_probs=outputs.router_probs,
+            load_balance_loss=outputs.load_balance_loss,
+        )
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            # Visual features are computed once, in the prefill; decode steps only run the LLM.
+            for key in (*PIXEL_KEYS, "expert_features"):
+                model_inputs.pop(key, None)
+        return model_inputs
+
+
+__all__ = ["AstreaPreTrainedModel", "AstreaModel", "AstreaForConditionalGeneration"]

@@ -1,0 +1,252 @@
+"""Expert towers: one registry, one factory, and the helpers every tower shares.
+
+A tower wraps one pretrained vision backbone and turns pixels into expert tokens
+``(B, N_i, D_i)``. Each kind lives in its own ``tower_<kind>.py`` and registers itself here::
+
+    @register_tower("siglip")
+    class SiglipTower(ExpertTower): ...
+
+:func:`build_tower` builds any registered kind, random, from an :class:`AstreaExpertConfig`;
+``tower.load_pretrained(source)`` then loads real weights from a Hub id or a local path.
+Towers are frozen (eval mode, no gradients) unless their config says ``frozen=False``.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..configuration.configuration_astrea import AstreaExpertConfig
+
+TOWER_REGISTRY: dict[str, type["ExpertTower"]] = {}
+
+
+def register_tower(kind: str):
+    """Class decorator adding a tower implementation to :data:`TOWER_REGISTRY` under ``kind``."""
+
+    def decorator(cls):
+        cls.kind = kind
+        TOWER_REGISTRY[kind] = cls
+        return cls
+
+    return decorator
+
+
+def build_tower(config: AstreaExpertConfig) -> "ExpertTower":
+    """Build a randomly initialised tower of ``config.kind``."""
+    _import_tower_modules()
+    if config.kind not in TOWER_REGISTRY:
+        raise ValueError(f"unknown expert kind {config.kind!r}; registered kinds: {sorted(TOWER_REGISTRY)}")
+    return TOWER_REGISTRY[config.kind](config)
+
+
+def _import_tower_modules() -> None:
+    # Importing the modules runs their @register_tower decorators.
+    from . import tower_grounding_dino, tower_hf_vision, tower_ram_plus, tower_sam2, tower_siglip, tower_timm  # noqa: F401
+
+
+class ExpertTower(nn.Module, abc.ABC):
+    """Base class of the expert towers.
+
+    Subclasses set ``self.out_dim`` (D_i) and ``self.grid`` (the ``(h, w)`` token grid for a square
+    input of ``config.image_size``, or ``None`` for tokens without a grid) and implement
+    :meth:`encode` and :meth:`load_pretrained`.
+    """
+
+    kind: str = ""
+
+    def __init__(self, config: AstreaExpertConfig):
+        super().__init__()
+        self.config = config
+        self.out_dim: int = 0
+        self.grid: tuple[int, int] | None = None
+
+    # ------------------------------------------------------------------ interface
+    @abc.abstractmethod
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Return tokens ``(B, N_i, D_i)`` for normalised pixels ``(B, 3, S, S)``."""
+
+    @abc.abstractmethod
+    def load_pretrained(self, source: str, **hub_kwargs) -> None:
+        """Load real weights in place from a Hub id or a local path (file or folder)."""
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of tokens per image the tower returns."""
+        if self.grid is not None:
+            return self.grid[0] * self.grid[1]
+        return self.config.tower_config.num_queries
+
+    # ------------------------------------------------------------------ behaviour
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        size = self.config.image_size
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[-2:]) != (size, size):
+            raise ValueError(
+                f"the {self.kind} tower expects pixel_values of shape (batch, 3, {size}, {size}), got "
+                f"{tuple(pixel_values.shape)}; preprocess images with AstreaProcessor"
+            )
+        dtype = self.input_dtype
+        if self.config.frozen:
+            with torch.no_grad():
+                return self.encode(pixel_values.to(dtype))
+        return self.encode(pixel_values.to(dtype))
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        for param in self.parameters():
+            if param.is_floating_point():
+                return param.dtype
+        return torch.float32
+
+    def freeze_if_configured(self) -> None:
+        if self.config.frozen:
+            self.requires_grad_(False)
+            self.eval()
+
+    def train(self, mode: bool = True):
+        # A frozen tower stays in eval mode (no dropout, fixed norm statistics) whatever its parent does.
+        return super().train(mode and not self.config.frozen)
+
+    @torch.no_grad()
+    def restore_non_persistent_buffers(self) -> None:
+        """Recompute buffers that are not saved (relative-position indices, attention masks, ...).
+
+        ``from_pretrained`` materialises them as uninitialised memory; they are pure functions of
+        the config, so a buffers-only rebuild gives their true values.
+        """
+        targets = _named_non_persistent_buffers(self)
+        if not targets:
+            return
+        with _parameters_on_meta():
+            fresh = type(self)(self.config)
+        reference = dict(_named_non_persistent_buffers(fresh))
+        for name, buffer in targets:
+            if name in reference:
+                buffer.copy_(reference[name].to(device=buffer.device, dtype=buffer.dtype))
+
+
+def _named_non_persistent_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    found = []
+    for prefix, sub in module.named_modules():
+        for name in sub._non_persistent_buffers_set:
+            buffer = sub._buffers.get(name)
+            if buffer is not None:
+                found.append((f"{prefix}.{name}" if prefix else name, buffer))
+    return found
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Build modules with parameters on the meta device but real buffers."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+# ----------------------------------------------------------------------- weight files
+def resolve_weights_file(source: str, default_filenames: tuple[str, ...] = (), **hub_kwargs) -> Path:
+    """Find a weights file given a local file, a local folder, ``org/repo`` or ``org/repo/file``.
+
+    Local paths win. A Hub id with a third path component names the file in the repo; without it
+    the first of ``default_filenames`` present is used.
+    """
+    path = Path(os.path.expanduser(str(source)))
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in default_filenames:
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"no weights file in {path}: looked for {list(default_filenames)}")
+    parts = str(source).split("/")
+    if len(parts) < 2 or str(source).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"weights source {source!r} is neither an existing local path nor a Hub id")
+    from huggingface_hub import hf_hub_download
+
+    repo_id = "/".join(parts[:2])
+    if len(parts) > 2:
+        return Path(hf_hub_download(repo_id, "/".join(parts[2:]), **hub_kwargs))
+    last_error = None
+    for name in default_filenames:
+        try:
+            return Path(hf_hub_download(repo_id, name, **hub_kwargs))
+        except Exception as error:  # try the next candidate name
+            last_error = error
+    raise FileNotFoundError(f"none of {list(default_filenames)} found in Hub repo {repo_id}: {last_error}")
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from safetensors, or from a torch pickle with ``weights_only=True``.
+
+    Pickled checkpoints that wrap the weights (``{"model": ...}``, ``{"state_dict": ...}``) are
+    unwrapped.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"could not read checkpoint {path} with torch.load(weights_only=True): {error}") from error
+    for key in ("model", "state_dict", "module"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def load_into(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that names the source and the mismatching keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"weights from {source} do not match the tower's architecture: "
+            f"{len(missing)} missing (e.g. {missing[:5]}), {len(unexpected)} unexpected (e.g. {unexpected[:5]}); "
+            f"check that the expert's tower_config matches the checkpoint"
+        )
+    wrong = [k for k in own if tuple(own[k].shape) != tuple(state_dict[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise ValueError(
+            f"weights from {source} have other shapes than the tower ({len(wrong)} tensors, e.g. {k}: "
+            f"{tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}); check the expert's tower_config"
+        )
+    module.load_state_dict(state_dict, strict=True)
+
+
+def tokens_from_feature_map(feature_map: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """``(B, C, H, W)`` (or ``(B, H, W, C)``) -> ``(B, H*W, C)`` in raster order."""
+    if channels_last:
+        return feature_map.flatten(1, 2)
+    return feature_map.flatten(2).transpose(1, 2)
+
+
+__all__ = [
+    "TOWER_REGISTRY",
+    "ExpertTower",
+    "build_tower",
+    "register_tower",
+    "resolve_weights_file",
+    "load_state_dict_file",
+    "load_into",
+    "tokens_from_feature_map",
+]

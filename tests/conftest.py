@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random Astrea models and inputs (no network, no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+class AstreaModelTester:
+    """ModelTester-style helper: a tiny config and matching inputs.
+
+    Token ids: 0 pad, 1 bos, 2 eos, ``config.image_token_id`` (3) the <image> placeholder; text
+    tokens are drawn from [10, vocab).
+    """
+
+    def __init__(self, **overrides):
+        from astrea_vlm.configuration import get_preset
+
+        self.config = get_preset("tiny", **overrides)
+        self.num_visual_tokens = self.config.num_visual_tokens
+        self.vocab_size = self.config.text_config.vocab_size
+
+    def pixels(self, n_images: int, seed: int = 0) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        return {
+            f"pixel_values_{role}": torch.randn(n_images, 3, cfg.image_size, cfg.image_size, generator=generator)
+            for role, cfg in self.config.expert_configs.items()
+        }
+
+    def prompt(self, n_text: int = 5, n_images: int = 1, seed: int = 0) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        ids = [1]
+        for _ in range(n_images):
+            ids += [self.config.image_token_id] * self.num_visual_tokens
+            ids += torch.randint(10, self.vocab_size, (n_text,), generator=generator).tolist()
+        return torch.tensor([ids])
+
+    def model(self, seed: int = 0):
+        from astrea_vlm.modeling import AstreaForConditionalGeneration
+
+        torch.manual_seed(seed)
+        return AstreaForConditionalGeneration(self.config).eval()
+
+
+@pytest.fixture
+def tester():
+    return AstreaModelTester()
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return AstreaModelTester().model()

@@ -243,6 +243,16 @@ class AstreaConfig(PreTrainedConfig):
             self.text_config = parts.pop("text_config")
             for key, value in parts.items():
                 setattr(self, key, value)
+        if isinstance(self.text_config, dict):
+            # transformers fills a partial sub-config dict from the class defaults, not from any
+            # preset: {"vocab_size": 100} would silently become a 7B Llama. Refuse it.
+            missing = [k for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size") if k not in self.text_config]
+            _check(
+                not missing,
+                "text_config",
+                {k: self.text_config[k] for k in list(self.text_config)[:4]},
+                f"is incomplete (missing {missing}); pass a complete LLM config, e.g. AutoConfig.from_pretrained(...).to_dict()",
+            )
         for role in EXPERT_ROLES:
             # Build expert sub-configs here so that their errors name the role's field.
             value = getattr(self, f"{role}_config")

@@ -68,7 +68,7 @@ def _tiny_parts() -> dict[str, Any]:
         "tower_config": {
             "model_type": "timm_wrapper",
             "architecture": "swin_tiny_patch4_window7_224",
-            "model_args": {"img_size": 32, "embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2], "window_size": 4},
+            "model_args": {"img_size": 32, "embed_dim": 16, "depths": [2, 2], "num_heads": [1, 2], "window_size": 4},
             "do_pooling": False,
         },
     }
@@ -77,8 +77,12 @@ def _tiny_parts() -> dict[str, Any]:
         "image_size": 32,
         "image_mean": IMAGENET_MEAN,
         "image_std": IMAGENET_STD,
-        "prompt_ids": [1, 5, 6, 2],
+        # "[CLS] <word 7> . [SEP]": the real prompt's layout. Grounding-DINO derives its phrase
+        # attention mask and position ids from the ids 101/102/1012/1029, so the tiny vocabulary
+        # covers them (1030 words) to exercise that path.
+        "prompt_ids": [101, 7, 1012, 102],
         "token_source": "encoder",
+        "feature_level": 0,
         "tower_config": {
             "model_type": "grounding-dino",
             "backbone_config": {
@@ -92,7 +96,7 @@ def _tiny_parts() -> dict[str, Any]:
             },
             "text_config": {
                 "model_type": "bert",
-                "vocab_size": 32,
+                "vocab_size": 1030,
                 "hidden_size": 16,
                 "num_hidden_layers": 1,
                 "num_attention_heads": 2,
@@ -102,7 +106,10 @@ def _tiny_parts() -> dict[str, Any]:
             "d_model": 32,
             "num_queries": 16,
             "encoder_layers": 1,
-            "decoder_layers": 1,
+            # Two decoder layers: GroundingDinoForObjectDetection with a shared box head cannot be
+            # built with one (its weight-tying pattern finds nothing to tie), and the queries mode
+            # reads the boxes the last layer refines from the previous layer's.
+            "decoder_layers": 2,
             "encoder_ffn_dim": 64,
             "decoder_ffn_dim": 64,
             "encoder_attention_heads": 2,
@@ -127,11 +134,14 @@ def _tiny_parts() -> dict[str, Any]:
                 "hidden_size": 16,
                 "num_attention_heads": 1,
                 "image_size": [32, 32],
-                "blocks_per_stage": [1, 1, 1, 1],
+                # Global attention sits inside stage 3, after its first (query-pooling) block, as in
+                # every SAM2 Hiera: a pooling block with global attention divides by zero in both the
+                # original and the transformers Hiera (window 0 // query stride).
+                "blocks_per_stage": [1, 1, 2, 1],
                 "embed_dim_per_stage": [16, 32, 64, 128],
                 "num_attention_heads_per_stage": [1, 2, 4, 8],
                 "window_size_per_stage": [2, 2, 2, 2],
-                "global_attention_blocks": [2],
+                "global_attention_blocks": [3],
                 "window_positional_embedding_background_size": [2, 2],
             },
             "backbone_channel_list": [128, 64, 32, 16],

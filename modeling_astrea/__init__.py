@@ -20,3 +20,18 @@ __all__ = [
     "register_tower",
     "resample_tokens",
 ]
+
+
+def _register_auto_classes() -> None:
+    """Let AutoConfig / AutoModel / AutoModelForImageTextToText resolve ``model_type="astrea"`` in-process."""
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+    from ..configuration import AstreaConfig, AstreaExpertConfig
+
+    AutoConfig.register("astrea", AstreaConfig, exist_ok=True)
+    AutoConfig.register("astrea_expert", AstreaExpertConfig, exist_ok=True)
+    AutoModel.register(AstreaConfig, AstreaModel, exist_ok=True)
+    AutoModelForImageTextToText.register(AstreaConfig, AstreaForConditionalGeneration, exist_ok=True)
+
+
+_register_auto_classes()

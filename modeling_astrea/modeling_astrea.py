@@ -123,7 +123,21 @@ class AstreaPreTrainedModel(PreTrainedModel):
         for module in model.modules():
             if isinstance(module, ExpertTower):
                 module.restore_non_persistent_buffers()
+                module.freeze_if_configured()  # loading replaces the parameters, and their requires_grad
         return model
+
+    def enable_input_require_grads(self):
+        """Make the LLM's input embeddings require grad (for adapters / gradient checkpointing).
+
+        Only the LLM's embeddings are hooked: the towers are frozen, and some of their embedding
+        modules return tuples that the generic transformers hook cannot handle.
+        """
+
+        def make_inputs_require_grads(module, inputs, output):
+            output.requires_grad_(True)
+
+        self._require_grads_hooks = [self.get_input_embeddings().register_forward_hook(make_inputs_require_grads)]
+        self._require_grads_hook = self._require_grads_hooks[0]
 
 
 class AstreaModel(AstreaPreTrainedModel):

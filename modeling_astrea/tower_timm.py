@@ -196,6 +196,7 @@ class TimmTower(ExpertTower):
             return tokens_from_feature_map(features, channels_last=self.channels_last)
         return features[:, self.num_prefix_tokens :]
 
+    # ------------------------------------------------------------------ buffers
     # ------------------------------------------------------------------ weights
     def load_pretrained(self, source: str, **hub_kwargs) -> None:
         """Load real weights from a local file / folder or a Hub id (``org/repo`` or ``org/repo/file``).
@@ -227,12 +228,24 @@ class TimmTower(ExpertTower):
             try:
                 state_dict = filter_fn(state_dict, self.model)
             except Exception as error:
+                # Filters look up the modules a key names (e.g. Swin's bias tables); a checkpoint of
+                # a deeper / other model fails there. Name the keys without a module in this model.
+                strangers = [k for k in state_dict if not self._owns_module_of(k)]
                 raise ValueError(
-                    f"weights from {source} could not be converted for timm model {self.architecture!r} by "
-                    f"timm's checkpoint filter ({type(error).__name__}: {error}); check that the checkpoint "
-                    f"matches the expert's tower_config"
+                    f"weights from {source} do not match the tower's architecture: timm's checkpoint filter for "
+                    f"{self.architecture!r} failed ({type(error).__name__}: {error}); {len(strangers)} checkpoint "
+                    f"keys name modules this model lacks (e.g. {strangers[:5]}); check that the expert's "
+                    f"tower_config matches the checkpoint"
                 ) from error
         return self._drop_classifier(state_dict)
+
+    def _owns_module_of(self, key: str) -> bool:
+        module_path = key.rpartition(".")[0]
+        try:
+            self.model.get_submodule(module_path)
+        except AttributeError:
+            return False
+        return True
 
     def _timm_checkpoint_filter(self) -> Callable | None:
         """timm's ``checkpoint_filter_fn`` for this architecture, if its module defines one.

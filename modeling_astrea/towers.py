@@ -116,18 +116,31 @@ class ExpertTower(nn.Module, abc.ABC):
     def restore_non_persistent_buffers(self) -> None:
         """Recompute buffers that are not saved (relative-position indices, attention masks, ...).
 
-        ``from_pretrained`` materialises them as uninitialised memory; they are pure functions of
-        the config, so a buffers-only rebuild gives their true values.
+        ``from_pretrained`` materialises them as uninitialised memory. Modules that know how to
+        rebuild their own (timm's ``init_non_persistent_buffers`` hook) do so; the rest are pure
+        functions of the config, so a rebuild with parameters on the meta device gives their values.
         """
-        targets = _named_non_persistent_buffers(self)
+        handled = set()
+        for prefix, sub in self.named_modules():
+            if hasattr(sub, "init_non_persistent_buffers") and sub is not self:
+                sub.init_non_persistent_buffers()
+                handled.update(f"{prefix}.{name}" if prefix else name for name in sub._non_persistent_buffers_set)
+        targets = [(name, buf) for name, buf in _named_non_persistent_buffers(self) if name not in handled]
         if not targets:
             return
         with _parameters_on_meta():
             fresh = type(self)(self.config)
         reference = dict(_named_non_persistent_buffers(fresh))
         for name, buffer in targets:
-            if name in reference:
-                buffer.copy_(reference[name].to(device=buffer.device, dtype=buffer.dtype))
+            value = reference.get(name)
+            if value is None:
+                continue
+            if value.is_meta:
+                raise RuntimeError(
+                    f"cannot recompute the non-persistent buffer {name!r} of the {self.kind} tower: it depends on "
+                    f"parameters; give the module an `init_non_persistent_buffers()` method"
+                )
+            buffer.copy_(value.to(device=buffer.device, dtype=buffer.dtype))
 
 
 def _named_non_persistent_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -173,7 +186,8 @@ def resolve_weights_file(source: str, default_filenames: tuple[str, ...] = (), *
                 return path / name
         raise FileNotFoundError(f"no weights file in {path}: looked for {list(default_filenames)}")
     parts = str(source).split("/")
-    if len(parts) < 2 or str(source).startswith((".", "/", "~")):
+    looks_local = str(source).startswith((".", "/", "~")) or path.parent.is_dir() and str(path.parent) != "."
+    if len(parts) < 2 or looks_local or path.suffix in (".pth", ".pt", ".bin", ".safetensors") and Path(parts[0]).exists():
         raise FileNotFoundError(f"weights source {source!r} is neither an existing local path nor a Hub id")
     from huggingface_hub import hf_hub_download
 
@@ -220,8 +234,10 @@ def load_into(module: nn.Module, state_dict: dict[str, torch.Tensor], source: st
     if missing or unexpected:
         raise ValueError(
             f"weights from {source} do not match the tower's architecture: "
-            f"{len(missing)} missing (e.g. {missing[:5]}), {len(unexpected)} unexpected (e.g. {unexpected[:5]}); "
-            f"check that the expert's tower_config matches the checkpoint"
+            + "; ".join(
+                f"{len(keys)} {what} (e.g. {keys[:5]})" for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys
+            )
+            + "; check that the expert's tower_config matches the checkpoint"
         )
     wrong = [k for k in own if tuple(own[k].shape) != tuple(state_dict[k].shape)]
     if wrong:

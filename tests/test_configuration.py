@@ -109,3 +109,10 @@ def test_tower_config_must_match_the_kind():
 def test_unknown_preset_names_the_choices():
     with pytest.raises(ValueError, match="astrea-13b"):
         get_preset("astrea-7b")
+
+
+def test_a_partial_text_config_is_refused_instead_of_silently_becoming_a_7b_llama():
+    config = _tiny_dict()
+    config["text_config"] = {"model_type": "llama", "vocab_size": 320}
+    with pytest.raises(ValueError, match="`text_config`.*incomplete.*hidden_size"):
+        AstreaConfig(**config)

@@ -1,0 +1,272 @@
+"""Grounding-DINO tower: the detection expert (open Grounding-DINO base, Swin-B, in the paper presets).
+
+The tower is transformers' :class:`~transformers.GroundingDinoModel` built from
+``config.tower_config`` (model_type ``grounding-dino``). Grounding-DINO 1.5, which the paper uses,
+has no public weights; the open model has the same structure (Swin backbone, BERT text branch,
+text-enhanced deformable encoder, language-guided query selection, cross-modality decoder).
+
+The prompt
+    The detector cannot run without text. The tower feeds a fixed, class-agnostic prompt given as
+    token ids in ``config.prompt_ids`` (the presets use "object ." = ``[CLS] object . [SEP]`` in
+    bert-base-uncased ids), with an all-ones attention mask and zero token-type ids, expanded over
+    the batch. No tokenizer is needed at run time, and the expert sees the same prompt for every
+    image, so its tokens depend on the image only. The ids include BERT's ``[CLS]``/``.``/``[SEP]``
+    on purpose: Grounding-DINO builds its phrase-level text attention mask and position ids from
+    those special ids.
+
+Two token sources (``config.token_source``)
+    * ``"encoder"`` (default): the text-enhanced image memory of the deformable encoder
+      (``encoder_last_hidden_state_vision``), i.e. every pyramid position after image-text fusion,
+      sliced to pyramid level ``config.feature_level`` and returned in raster order on its
+      ``(h, w)`` grid. These tokens are spatially aligned with the other experts' grids, so eq. 10's
+      token-wise sum mixes features of the same image region. Width ``d_model``.
+    * ``"queries"``: the decoder's final object queries (layer-normed, as the detection heads read
+      them), ranked by their detection score -- the max over the prompt tokens of the contrastive
+      query-text logit, exactly ``GroundingDinoForObjectDetection.logits`` (the sigmoid is monotone,
+      so ranking logits ranks probabilities). All ``num_queries`` queries are returned, best first,
+      each concatenated with its predicted box ``(cx, cy, w, h)`` in ``[0, 1]`` (the box of
+      ``GroundingDinoForObjectDetection.pred_boxes``). Width ``d_model + 4``, ``grid`` is None; the
+      Astrea model keeps the top N. The box regression needs the detection checkpoint's box head,
+      so in this mode the decoder carries it (``decoder.bbox_embed``, which also drives the
+      decoder's iterative box refinement exactly as in ``GroundingDinoForObjectDetection``).
+
+Grid (encoder mode)
+    Level sizes follow from the config: the Swin patch embedding gives ``ceil(S / patch_size)``
+    (it pads), every Swin stage after the first halves with ceil (patch merging pads odd sizes),
+    the backbone returns the stages in ``out_indices``, and each extra level
+    (``num_feature_levels`` beyond the backbone outputs) is a 3x3 stride-2 convolution, again
+    ``ceil(h / 2)``. At 800 px with Swin-B: 100, 50, 25 and 13; the paper presets take level 1
+    (stride 16, 50x50), the stride of the SAM2 and SigLIP grids. Every forward checks these sizes
+    against the spatial shapes the model really used.
+
+    The whole model runs in encoder mode, decoder included: skipping the decoder (about 4% of the
+    FLOPs at 800 px) would need a copy of ``GroundingDinoModel.forward``'s input preparation.
+
+Weights (:meth:`GroundingDinoTower.load_pretrained`)
+    From an HF folder or Hub id holding either a ``GroundingDinoModel`` or a
+    ``GroundingDinoForObjectDetection`` checkpoint (whose keys carry a ``model.`` prefix plus the
+    detection head ``bbox_embed.*``). Loading goes through transformers' ``from_pretrained`` so that
+    its key conversions (e.g. the legacy Swin names of the Hub checkpoints) and weight tying apply;
+    the detection head outside the base model is stripped. Any other missing, unexpected or
+    mis-shaped tensor raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import re
+
+import torch
+from torch import nn
+from transformers import GroundingDinoForObjectDetection, GroundingDinoModel
+from transformers.models.grounding_dino.modeling_grounding_dino import GroundingDinoMLPPredictionHead
+
+from .towers import ExpertTower, _named_non_persistent_buffers, load_into, register_tower
+
+#: Keys of the detection head that sits outside ``GroundingDinoModel`` (``class_embed`` has no
+#: weights in transformers but may appear in converted checkpoints).
+_HEAD_KEY = re.compile(r"^(model\.)?(decoder\.)?(bbox_embed|class_embed)\.")
+
+
+def grounding_dino_level_shapes(tower_config, image_size: int) -> list[tuple[int, int]]:
+    """``(h, w)`` of every encoder pyramid level for a square ``image_size`` input (see module docstring)."""
+    backbone = tower_config.backbone_config
+    if backbone.model_type != "swin":
+        raise ValueError(
+            f"grounding_dino tower: cannot derive the pyramid grid of a {backbone.model_type!r} backbone; "
+            f"the tower supports Swin backbones (every published Grounding-DINO uses one)"
+        )
+    patch = backbone.patch_size
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    stage_side = {1: math.ceil(image_size / patch)}
+    for stage in range(2, len(backbone.depths) + 1):
+        stage_side[stage] = math.ceil(stage_side[stage - 1] / 2)
+    sides = [stage_side[index] for index in backbone.out_indices]
+    for _ in range(tower_config.num_feature_levels - len(sides)):
+        sides.append(math.ceil(sides[-1] / 2))  # 3x3 conv, stride 2, padding 1
+    return [(side, side) for side in sides]
+
+
+def attach_box_head(model: GroundingDinoModel) -> None:
+    """Give ``model.decoder`` the box-regression head of ``GroundingDinoForObjectDetection``.
+
+    One 3-layer MLP per decoder layer, the same module repeated when ``decoder_bbox_embed_share``
+    (the released models), initialised like transformers does (last layer zero, so a fresh head
+    leaves the reference boxes unchanged).
+    """
+    config = model.config
+
+    def new_head():
+        head = GroundingDinoMLPPredictionHead(config.d_model, config.d_model, 4, num_layers=3)
+        for module in head.modules():
+            model._init_weights(module)
+        return head
+
+    if config.decoder_bbox_embed_share:
+        shared = new_head()
+        heads = [shared] * config.decoder_layers
+    else:
+        heads = [new_head() for _ in range(config.decoder_layers)]
+    model.decoder.bbox_embed = nn.ModuleList(heads)
+
+
+def _no_input_embeddings():
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' load report and progress bars; the tower raises its own precise errors."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+@register_tower("grounding_dino")
+class GroundingDinoTower(ExpertTower):
+    """Grounding-DINO with a fixed prompt; encoder-memory grid tokens or score-ranked query tokens."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        tower_config = config.tower_config
+        self._check_prompt(config, tower_config)
+        self.model = GroundingDinoModel(tower_config)
+        # transformers' `enable_input_require_grads` (run by `gradient_checkpointing_enable` on the
+        # whole Astrea model) hooks the output of every sub-model's `get_input_embeddings()` with
+        # `requires_grad_`. The Swin backbone reports its patch embedding, which returns a tuple, and
+        # the hook crashes. The image backbone has no token embeddings to make trainable, so it
+        # reports none (an instance attribute: the class is untouched).
+        self.model.backbone.conv_encoder.model.get_input_embeddings = _no_input_embeddings
+        if config.token_source == "queries":
+            attach_box_head(self.model)
+            self.level_shapes = None
+            self.grid = None
+            self.out_dim = tower_config.d_model + 4
+        else:
+            self.level_shapes = grounding_dino_level_shapes(tower_config, config.image_size)
+            if not 0 <= config.feature_level < len(self.level_shapes):
+                raise ValueError(
+                    f"grounding_dino tower: feature_level={config.feature_level} is out of range; the encoder "
+                    f"has {len(self.level_shapes)} pyramid levels {self.level_shapes} (0 = finest)"
+                )
+            self.grid = self.level_shapes[config.feature_level]
+            self.out_dim = tower_config.d_model
+        self.freeze_if_configured()
+
+    @staticmethod
+    def _check_prompt(config, tower_config) -> None:
+        ids = config.prompt_ids
+        if not ids:
+            raise ValueError("grounding_dino tower: `prompt_ids` (token ids of the fixed text prompt) must be set")
+        text = tower_config.text_config
+        limit = min(tower_config.max_text_len, text.max_position_embeddings)
+        if len(ids) > limit:
+            raise ValueError(f"grounding_dino tower: the prompt has {len(ids)} tokens, more than the model takes ({limit})")
+        if not all(0 <= i < text.vocab_size for i in ids):
+            raise ValueError(f"grounding_dino tower: prompt_ids {ids} must index the text vocabulary (size {text.vocab_size})")
+
+    # ------------------------------------------------------------------ forward
+    def _run(self, pixel_values: torch.Tensor):
+        batch = pixel_values.shape[0]
+        input_ids = torch.tensor(self.config.prompt_ids, dtype=torch.long, device=pixel_values.device)
+        input_ids = input_ids.unsqueeze(0).expand(batch, -1)
+        seen = {}
+
+        def record_shapes(module, args, kwargs):
+            seen["shapes"] = [tuple(int(s) for s in shape) for shape in kwargs["spatial_shapes_list"]]
+
+        handle = self.model.encoder.register_forward_pre_hook(record_shapes, with_kwargs=True)
+        try:
+            out = self.model(
+                pixel_values=pixel_values,
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                token_type_ids=torch.zeros_like(input_ids),
+                return_dict=True,
+            )
+        finally:
+            handle.remove()
+        return out, seen["shapes"]
+
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out, shapes = self._run(pixel_values)
+        if self.config.token_source == "queries":
+            return self._query_tokens(out)
+        if shapes != self.level_shapes:
+            raise RuntimeError(
+                f"grounding_dino tower: the encoder ran on pyramid levels {shapes}, but the config implies "
+                f"{self.level_shapes}"
+            )
+        level = self.config.feature_level
+        start = sum(h * w for h, w in shapes[:level])
+        h, w = shapes[level]
+        return out.encoder_last_hidden_state_vision[:, start : start + h * w]
+
+    def _query_tokens(self, out) -> torch.Tensor:
+        queries = out.last_hidden_state  # (B, Q, d), layer-normed like the heads' input
+        text = out.encoder_last_hidden_state_text  # (B, T, d)
+        scores = (queries @ text.transpose(-1, -2)).amax(-1)  # every prompt token is valid (all-ones mask)
+        if self.model.config.decoder_layers > 1:
+            reference = out.intermediate_reference_points[:, -2]  # the boxes the last layer refined
+        else:
+            reference = out.init_reference_points
+        delta = self.model.decoder.bbox_embed[-1](queries)
+        boxes = (delta + torch.special.logit(reference, eps=1e-5)).sigmoid()
+        tokens = torch.cat([queries, boxes.to(queries.dtype)], dim=-1)
+        order = scores.argsort(dim=1, descending=True, stable=True)
+        return tokens.gather(1, order.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+    # ------------------------------------------------------------------ weights
+    def load_pretrained(self, source: str, **hub_kwargs) -> None:
+        """Load a ``GroundingDinoModel`` or ``GroundingDinoForObjectDetection`` folder / Hub id."""
+        queries = self.config.token_source == "queries"
+        cls = GroundingDinoForObjectDetection if queries else GroundingDinoModel
+        with _quiet_transformers():
+            loaded, info = cls.from_pretrained(
+                source,
+                config=copy.deepcopy(self.config.tower_config),
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported below as a ValueError instead
+                **hub_kwargs,
+            )
+        mismatched = list(info.get("mismatched_keys") or [])
+        if mismatched:
+            raise ValueError(
+                f"weights from {source} have other shapes than the tower ({len(mismatched)} tensors, e.g. "
+                f"{mismatched[:3]}); check that the expert's tower_config matches the checkpoint"
+            )
+        missing = set(info.get("missing_keys") or [])
+        unexpected = set(info.get("unexpected_keys") or [])
+        if queries and missing and all(_HEAD_KEY.match(k) for k in missing):
+            raise ValueError(
+                f"weights from {source} have no box head ({sorted(missing)[:3]} missing): token_source='queries' "
+                f"needs a GroundingDinoForObjectDetection checkpoint, this looks like a bare GroundingDinoModel"
+            )
+        # Strip the detection head, and the buffers older checkpoints saved that the model now
+        # recomputes (Swin `relative_position_index` under its legacy `attention.self.` path, BERT
+        # `position_ids`): matched by their buffer name, which no weight carries.
+        buffer_names = {name.rsplit(".", 1)[-1] for name, _ in _named_non_persistent_buffers(loaded)}
+        unexpected = {k for k in unexpected if not _HEAD_KEY.match(k) and k.rsplit(".", 1)[-1] not in buffer_names}
+        if missing or unexpected:
+            raise ValueError(
+                f"weights from {source} do not match the tower's Grounding-DINO: {len(missing)} missing "
+                f"(e.g. {sorted(missing)[:5]}), {len(unexpected)} unexpected (e.g. {sorted(unexpected)[:5]}); "
+                f"check that the expert's tower_config matches the checkpoint"
+            )
+        base = loaded.model if queries else loaded
+        load_into(self.model, base.state_dict(), source)
+        self.freeze_if_configured()
+
+
+__all__ = ["GroundingDinoTower", "grounding_dino_level_shapes", "attach_box_head"]

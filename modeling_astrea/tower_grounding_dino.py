@@ -46,9 +46,12 @@ Weights (:meth:`GroundingDinoTower.load_pretrained`)
     From an HF folder or Hub id holding either a ``GroundingDinoModel`` or a
     ``GroundingDinoForObjectDetection`` checkpoint (whose keys carry a ``model.`` prefix plus the
     detection head ``bbox_embed.*``). Loading goes through transformers' ``from_pretrained`` so that
-    its key conversions (e.g. the legacy Swin names of the Hub checkpoints) and weight tying apply;
-    the detection head outside the base model is stripped. Any other missing, unexpected or
-    mis-shaped tensor raises ``ValueError``.
+    its key conversions (the Hub files keep the legacy Swin names ``attention.self.query`` ...,
+    which ``save_pretrained`` still writes) and weight tying apply;
+    in encoder mode the detection head is stripped. Query mode needs the box head, so it loads
+    ``GroundingDinoForObjectDetection`` weights, keeps the head's per-layer copies in
+    ``decoder.bbox_embed`` (the class head ``class_embed`` has no weights) and refuses a checkpoint
+    without a box head. Any other missing, unexpected or mis-shaped tensor raises ``ValueError``.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ import re
 
 import torch
 from torch import nn
-from transformers import GroundingDinoForObjectDetection, GroundingDinoModel
+from transformers import GroundingDinoForObjectDetection, GroundingDinoModel, PreTrainedModel
 from transformers.models.grounding_dino.modeling_grounding_dino import GroundingDinoMLPPredictionHead
 
 from .towers import ExpertTower, _named_non_persistent_buffers, load_into, register_tower
@@ -92,9 +95,12 @@ def grounding_dino_level_shapes(tower_config, image_size: int) -> list[tuple[int
 def attach_box_head(model: GroundingDinoModel) -> None:
     """Give ``model.decoder`` the box-regression head of ``GroundingDinoForObjectDetection``.
 
-    One 3-layer MLP per decoder layer, the same module repeated when ``decoder_bbox_embed_share``
-    (the released models), initialised like transformers does (last layer zero, so a fresh head
-    leaves the reference boxes unchanged).
+    One 3-layer MLP per decoder layer, initialised as transformers does (last layer zero, so a fresh
+    head leaves the reference boxes unchanged). With ``decoder_bbox_embed_share`` (the released
+    models) transformers ties the layers' heads; here they are equal copies instead, not shared
+    tensors: an Astrea checkpoint stores every tensor once and ``save_pretrained`` refuses shared
+    tensors it has no tie declaration for. The copies are equal after loading and stay equal while
+    the tower is frozen (the paper's setting).
     """
     config = model.config
 
@@ -105,8 +111,8 @@ def attach_box_head(model: GroundingDinoModel) -> None:
         return head
 
     if config.decoder_bbox_embed_share:
-        shared = new_head()
-        heads = [shared] * config.decoder_layers
+        first = new_head()
+        heads = [first] + [copy.deepcopy(first) for _ in range(config.decoder_layers - 1)]
     else:
         heads = [new_head() for _ in range(config.decoder_layers)]
     model.decoder.bbox_embed = nn.ModuleList(heads)
@@ -144,17 +150,28 @@ class GroundingDinoTower(ExpertTower):
         self.model = GroundingDinoModel(tower_config)
         # transformers' `enable_input_require_grads` (run by `gradient_checkpointing_enable` on the
         # whole Astrea model) hooks the output of every sub-model's `get_input_embeddings()` with
-        # `requires_grad_`. The Swin backbone reports its patch embedding, which returns a tuple, and
-        # the hook crashes. The image backbone has no token embeddings to make trainable, so it
-        # reports none (an instance attribute: the class is untouched).
-        self.model.backbone.conv_encoder.model.get_input_embeddings = _no_input_embeddings
-        if config.token_source == "queries":
+        # `requires_grad_`. Swin (SwinBackbone and its inner SwinModel) reports its patch embedding,
+        # which returns a tuple, and the hook crashes. The image backbone has no token embeddings to
+        # make trainable, so its sub-models report none (instance attributes: classes untouched).
+        for module in self.model.backbone.modules():
+            if isinstance(module, PreTrainedModel):
+                module.get_input_embeddings = _no_input_embeddings
+        queries = config.token_source == "queries"
+        if queries and tower_config.backbone_config.model_type != "swin":
+            self.level_shapes = None  # not needed for query tokens, and only derivable for Swin
+        else:
+            self.level_shapes = grounding_dino_level_shapes(tower_config, config.image_size)
+            positions = sum(h * w for h, w in self.level_shapes)
+            if tower_config.two_stage and positions < tower_config.num_queries:
+                raise ValueError(
+                    f"grounding_dino tower: at {config.image_size} px the encoder has {positions} positions, fewer "
+                    f"than num_queries={tower_config.num_queries} (two-stage query selection picks the top ones)"
+                )
+        if queries:
             attach_box_head(self.model)
-            self.level_shapes = None
             self.grid = None
             self.out_dim = tower_config.d_model + 4
         else:
-            self.level_shapes = grounding_dino_level_shapes(tower_config, config.image_size)
             if not 0 <= config.feature_level < len(self.level_shapes):
                 raise ValueError(
                     f"grounding_dino tower: feature_level={config.feature_level} is out of range; the encoder "
@@ -201,13 +218,13 @@ class GroundingDinoTower(ExpertTower):
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out, shapes = self._run(pixel_values)
-        if self.config.token_source == "queries":
-            return self._query_tokens(out)
-        if shapes != self.level_shapes:
+        if self.level_shapes is not None and shapes != self.level_shapes:
             raise RuntimeError(
                 f"grounding_dino tower: the encoder ran on pyramid levels {shapes}, but the config implies "
                 f"{self.level_shapes}"
             )
+        if self.config.token_source == "queries":
+            return self._query_tokens(out)
         level = self.config.feature_level
         start = sum(h * w for h, w in shapes[:level])
         h, w = shapes[level]

@@ -140,6 +140,8 @@ class ExpertTower(nn.Module, abc.ABC):
                     f"cannot recompute the non-persistent buffer {name!r} of the {self.kind} tower: it depends on "
                     f"parameters; give the module an `init_non_persistent_buffers()` method"
                 )
+            if value.shape != buffer.shape:
+                raise RuntimeError(f"recomputed buffer {name!r} has shape {tuple(value.shape)}, expected {tuple(buffer.shape)}")
             buffer.copy_(value.to(device=buffer.device, dtype=buffer.dtype))
 
 

@@ -287,8 +287,8 @@ def test_loads_original_ram_plus_checkpoint(tmp_path, depths):
 def test_wrong_architecture_is_named(tmp_path):
     config = tiny_expert()
     deeper = tmp_path / "deeper.pth"
-    save_ram_plus_checkpoint(reference_for(config, seed=2, depths=[2, 2]), deeper)
-    with pytest.raises(ValueError, match=r"do not match the tower's architecture.*layers\.0\.blocks\.1"):
+    save_ram_plus_checkpoint(reference_for(config, seed=2, depths=[3, 2]), deeper)
+    with pytest.raises(ValueError, match=r"do not match the tower's architecture.*layers\.0\.blocks\.2"):
         RamPlusTower(config).load_pretrained(str(deeper))
 
     wider = tmp_path / "wider.pth"

@@ -157,6 +157,7 @@ class AstreaConfig(PreTrainedConfig):
             Pre-alignment stage order (coarse to fine). It also fixes the residual bridge: the
             expert at position k reads the cached features of the experts before it (eq. 3).
             Table 6's reverse order is ``["segmentation", "detection", "classification", "caption"]``.
+            The number of experts E of the MoE fusion is ``len(expert_order)`` (property ``num_experts``).
         num_visual_tokens (`int`, defaults to 576):
             Tokens per image after fusion. Every expert is resampled to this count, so that eq.
             10's weighted sum is over aligned tokens: grid towers by area pooling (downsampling)

@@ -46,8 +46,14 @@ def build_tower(config: AstreaExpertConfig) -> "ExpertTower":
 
 
 def _import_tower_modules() -> None:
-    # Importing the modules runs their @register_tower decorators.
-    from . import tower_grounding_dino, tower_hf_vision, tower_ram_plus, tower_sam2, tower_siglip, tower_timm  # noqa: F401
+    # Importing the modules runs their @register_tower decorators. One `from .module import name`
+    # per line: the trust_remote_code loader follows only that form of relative import.
+    from .tower_grounding_dino import GroundingDinoTower  # noqa: F401
+    from .tower_hf_vision import HFVisionTower  # noqa: F401
+    from .tower_ram_plus import RamPlusTower  # noqa: F401
+    from .tower_sam2 import Sam2Tower  # noqa: F401
+    from .tower_siglip import SiglipTower  # noqa: F401
+    from .tower_timm import TimmTower  # noqa: F401
 
 
 class ExpertTower(nn.Module, abc.ABC):

@@ -1,0 +1,352 @@
+"""Image preparation for Astrea: one set of pixels per expert tower.
+
+Every expert reads its own resolution and normalisation (SigLIP 384 px with mean/std 0.5; RAM++
+384 px, Grounding-DINO 800 px and SAM2 1024 px with ImageNet statistics in the paper presets), so
+:class:`AstreaImageProcessor` holds one :class:`ExpertImageSpec` per expert and returns one tensor
+per expert, ``pixel_values_<role>``, each ``(n_views, 3, S_role, S_role)``.
+
+transformers' ``ProcessorMixin`` loads exactly one image processor through ``AutoImageProcessor``
+(further ones only by class names it finds in its own registries, which remote code is not in), so
+the four per-expert processors live inside this one object as specs rather than as four processor
+attributes.
+
+Views
+    Each input image becomes one or more *views*; each view becomes ``num_visual_tokens`` tokens.
+    Without tiling an image is one view (squashed to the square input, as LLaVA-1.5 does). With
+    ``image_grid_pinpoints`` (LLaVA-NeXT "AnyRes"), an image becomes the whole image plus the tiles
+    of the pinpoint resolution that keeps most of its pixels: the image is resized to fit that
+    resolution keeping its aspect ratio, padded, and cut into ``tile_size`` squares. A video is a
+    list of frames; ``num_frames`` of them are sampled uniformly and each frame is one view.
+
+Inputs
+    PIL images of any mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...), numpy arrays (HW or HWC, uint8,
+    uint16 or float in [0, 1]), torch tensors (CHW or HWC) and file paths. EXIF orientation is
+    applied; transparency is composited on white; 16-bit images are scaled, not clipped.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
+
+_RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
+
+
+@dataclass
+class ExpertImageSpec:
+    """How one expert wants its pixels: square side, per-channel mean/std and resampling filter."""
+
+    size: int
+    image_mean: list[float]
+    image_std: list[float]
+    resample: str = "bicubic"
+
+    @classmethod
+    def from_expert_config(cls, expert) -> "ExpertImageSpec":
+        return cls(size=expert.image_size, image_mean=list(expert.image_mean), image_std=list(expert.image_std))
+
+
+# ---------------------------------------------------------------------------------- inputs
+def _array_to_uint8(array: np.ndarray) -> np.ndarray:
+    if not np.isfinite(array).all():
+        raise ValueError("the image holds NaN or infinite values; pass finite pixel values")
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.floating):
+        if array.min() < 0.0 or array.max() > 1.0:
+            raise ValueError(
+                f"a float image must hold values in [0, 1], got [{float(array.min()):.3g}, {float(array.max()):.3g}]; "
+                "rescale it or pass uint8"
+            )
+        return (array * 255.0).round().astype(np.uint8)
+    if np.issubdtype(array.dtype, np.integer):
+        if array.min() < 0:
+            raise ValueError("an integer image must not hold negative values")
+        if array.dtype == np.uint16 or array.max() > 255:  # 16-bit: scale to 8 bits instead of clipping
+            return (array.astype(np.float64) / 65535.0 * 255.0).round().clip(0, 255).astype(np.uint8)
+        return array.astype(np.uint8)
+    raise TypeError(f"unsupported image dtype {array.dtype}; use uint8, uint16 or float in [0, 1]")
+
+
+def _array_to_pil(array: np.ndarray) -> Image.Image:
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        return Image.fromarray(_array_to_uint8(array), mode="L")
+    if array.ndim != 3 or array.shape[-1] not in (3, 4):
+        raise ValueError(
+            f"an image array must be HxW, HxWx1, HxWx3 or HxWx4 (channels last), got shape {tuple(array.shape)}"
+        )
+    return Image.fromarray(_array_to_uint8(array), mode="RGB" if array.shape[-1] == 3 else "RGBA")
+
+
+def _pil_to_rgb(image: Image.Image) -> Image.Image:
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "F":
+        return _float_mode_to_rgb(image)
+    if mode.startswith("I"):  # I;16*, I: 16/32-bit integers
+        array = np.asarray(image)
+        if mode.startswith("I;16"):
+            array = array.astype(np.uint16)
+        return _array_to_pil(array).convert("RGB")
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def _float_mode_to_rgb(image: Image.Image) -> Image.Image:
+    array = np.asarray(image, dtype=np.float64)
+    if array.size and array.max() > 1.0:
+        array = array / array.max()
+    return _array_to_pil(array.clip(0.0, 1.0)).convert("RGB")
+
+
+def to_pil_rgb(image) -> Image.Image:
+    """Convert any supported image input to an RGB PIL image (see the module docstring)."""
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if path.startswith(("http://", "https://")):
+            raise ValueError(f"image URLs are not fetched ({path}); download the file and pass its path or a PIL image")
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                return _pil_to_rgb(opened)
+        except FileNotFoundError:
+            raise ValueError(f"image file not found: {path}") from None
+        except (UnidentifiedImageError, OSError) as error:
+            raise ValueError(f"cannot read {path} as an image ({error}); pass a valid image file") from None
+    if isinstance(image, Image.Image):
+        try:
+            image.load()
+        except OSError as error:
+            raise ValueError(f"the image data is truncated or corrupt ({error})") from None
+        return _pil_to_rgb(image)
+    if isinstance(image, torch.Tensor):
+        array = image.detach().cpu()
+        if array.dtype == torch.bfloat16:
+            array = array.float()
+        array = array.numpy()
+        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+            array = np.moveaxis(array, 0, -1)  # CHW -> HWC
+        return _pil_to_rgb(_array_to_pil(array))
+    if isinstance(image, np.ndarray):
+        return _pil_to_rgb(_array_to_pil(image))
+    raise TypeError(
+        f"unsupported image type {type(image).__name__}; pass a PIL image, a numpy array, a torch tensor or a file path"
+    )
+
+
+# ----------------------------------------------------------------------------------- views
+def select_best_resolution(image_size: tuple[int, int], candidates: list[list[int]]) -> tuple[int, int]:
+    """Pick the ``(height, width)`` candidate keeping most image pixels, then wasting least padding."""
+    height, width = image_size
+    best, best_key = None, None
+    for cand_h, cand_w in candidates:
+        scale = min(cand_w / width, cand_h / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        wasted = cand_h * cand_w - effective
+        key = (effective, -wasted)
+        if best_key is None or key > best_key:
+            best, best_key = (cand_h, cand_w), key
+    return best
+
+
+def anyres_views(image: Image.Image, pinpoints: list[list[int]], tile_size: int, resample=Image.BICUBIC) -> list[Image.Image]:
+    """The whole image followed by the tiles of its best pinpoint resolution (raster order)."""
+    target_h, target_w = select_best_resolution((image.height, image.width), pinpoints)
+    scale = min(target_w / image.width, target_h / image.height)
+    new_w, new_h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    canvas = Image.new("RGB", (target_w, target_h), (0, 0, 0))
+    canvas.paste(image.resize((new_w, new_h), resample), ((target_w - new_w) // 2, (target_h - new_h) // 2))
+    tiles = [
+        canvas.crop((left, top, left + tile_size, top + tile_size))
+        for top in range(0, target_h, tile_size)
+        for left in range(0, target_w, tile_size)
+    ]
+    return [image] + tiles
+
+
+def sample_frame_indices(num_available: int, num_frames: int) -> list[int]:
+    """``num_frames`` indices spread uniformly over a clip (centre of each segment); all if it is shorter."""
+    if num_available <= num_frames:
+        return list(range(num_available))
+    step = num_available / num_frames
+    return [min(num_available - 1, int(step * (i + 0.5))) for i in range(num_frames)]
+
+
+def video_frames(video) -> list:
+    """A video as a list of frames: ``(T, H, W, C)`` arrays, ``(T, C, H, W)`` tensors or a list of images."""
+    if isinstance(video, torch.Tensor) and video.dim() == 4:
+        return list(video.unbind(0))
+    if isinstance(video, np.ndarray) and video.ndim == 4:
+        return list(video)
+    if isinstance(video, (list, tuple)):
+        return list(video)
+    raise TypeError(f"a video must be a 4-D array/tensor or a list of frames, got {type(video).__name__}")
+
+
+# -------------------------------------------------------------------------- the processor
+class AstreaImageProcessor(BaseImageProcessor):
+    r"""Per-expert image processor of Astrea (see the module docstring).
+
+    Args:
+        experts (`dict[str, dict]`):
+            Role -> ``{"size", "image_mean", "image_std", "resample"}`` for every expert, in the
+            model's ``expert_order`` (build it with :meth:`from_model_config`).
+        image_grid_pinpoints (`list[list[int]]`, *optional*):
+            AnyRes candidate resolutions ``[height, width]``, multiples of ``tile_size``; ``None``
+            disables tiling (one view per image).
+        tile_size (`int`, defaults to 384):
+            Side of one AnyRes tile in the pinpoint grid.
+        num_frames (`int`, defaults to 8):
+            Frames sampled uniformly from each video.
+        max_image_pixels (`int`, defaults to 64 megapixels):
+            Larger images are downscaled (keeping their aspect ratio) before anything else.
+    """
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(
+        self,
+        experts: dict[str, dict] | None = None,
+        image_grid_pinpoints: list[list[int]] | None = None,
+        tile_size: int = 384,
+        num_frames: int = 8,
+        max_image_pixels: int = 64_000_000,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not experts:
+            raise ValueError("AstreaImageProcessor needs `experts`: build it with AstreaImageProcessor.from_model_config(config)")
+        self.experts = {role: asdict(ExpertImageSpec(**spec)) for role, spec in experts.items()}
+        for role, spec in self.experts.items():
+            if spec["resample"] not in _RESAMPLE:
+                raise ValueError(f"experts[{role!r}].resample={spec['resample']!r}: choose one of {sorted(_RESAMPLE)}")
+        if image_grid_pinpoints is not None:
+            bad = [p for p in image_grid_pinpoints if len(p) != 2 or p[0] % tile_size or p[1] % tile_size]
+            if bad:
+                raise ValueError(f"image_grid_pinpoints {bad} are not [height, width] multiples of tile_size={tile_size}")
+        self.image_grid_pinpoints = image_grid_pinpoints
+        self.tile_size = tile_size
+        self.num_frames = num_frames
+        self.max_image_pixels = max_image_pixels
+        self.model_input_names = [f"pixel_values_{role}" for role in self.experts]
+
+    @classmethod
+    def from_model_config(cls, config, **kwargs) -> "AstreaImageProcessor":
+        """One spec per expert of an :class:`AstreaConfig`, in its stage order."""
+        experts = {role: asdict(ExpertImageSpec.from_expert_config(expert)) for role, expert in config.expert_configs.items()}
+        return cls(experts=experts, **kwargs)
+
+    # --------------------------------------------------------------------------- views
+    def _limit_size(self, image: Image.Image) -> Image.Image:
+        pixels = image.width * image.height
+        if pixels > self.max_image_pixels:
+            scale = math.sqrt(self.max_image_pixels / pixels)
+            image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))), Image.BICUBIC)
+        return image
+
+    def image_views(self, image) -> list[Image.Image]:
+        """The views one image becomes: itself, or itself plus its AnyRes tiles."""
+        image = self._limit_size(to_pil_rgb(image))
+        if self.image_grid_pinpoints:
+            return anyres_views(image, self.image_grid_pinpoints, self.tile_size)
+        return [image]
+
+    def video_views(self, video) -> list[Image.Image]:
+        frames = video_frames(video)
+        if not frames:
+            raise ValueError("a video holds no frames")
+        return [self._limit_size(to_pil_rgb(frames[i])) for i in sample_frame_indices(len(frames), self.num_frames)]
+
+    def num_views(self, image) -> int:
+        """How many views (each ``num_visual_tokens`` tokens) an image becomes."""
+        if not self.image_grid_pinpoints:
+            return 1
+        image = self._limit_size(to_pil_rgb(image))
+        height, width = select_best_resolution((image.height, image.width), self.image_grid_pinpoints)
+        return 1 + (height // self.tile_size) * (width // self.tile_size)
+
+    def pixels_for_views(self, views: list[Image.Image], return_tensors: str | None = "pt") -> BatchFeature:
+        """Resize and normalise views for every expert -> ``pixel_values_<role>`` ``(n_views, 3, S, S)``."""
+        data = {}
+        for role, spec in self.experts.items():
+            size, resample = spec["size"], _RESAMPLE[spec["resample"]]
+            mean = np.asarray(spec["image_mean"], dtype=np.float32)
+            std = np.asarray(spec["image_std"], dtype=np.float32)
+            arrays = [
+                ((np.asarray(view.resize((size, size), resample), dtype=np.float32) / 255.0 - mean) / std).transpose(2, 0, 1)
+                for view in views
+            ]
+            data[f"pixel_values_{role}"] = np.stack(arrays) if arrays else np.zeros((0, 3, size, size), np.float32)
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def preprocess(self, images, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
+        """Process one image or a (nested) list of images; views of all images are concatenated in order."""
+        views = [view for image in flatten_images(images) for view in self.image_views(image)]
+        return self.pixels_for_views(views, return_tensors)
+
+    def __call__(self, images, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
+        return self.preprocess(images, return_tensors=return_tensors, **kwargs)
+
+
+def _is_single_image(item) -> bool:
+    if isinstance(item, (Image.Image, str, os.PathLike)):
+        return True
+    if isinstance(item, np.ndarray):
+        return item.ndim in (2, 3)
+    if isinstance(item, torch.Tensor):
+        return item.dim() in (2, 3)
+    return False
+
+
+def flatten_images(images) -> list:
+    """A single image, a list of images or a list of lists (one per sample) -> a flat list, in order."""
+    if images is None:
+        return []
+    if _is_single_image(images):
+        return [images]
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        return list(images)
+    if isinstance(images, (list, tuple)):
+        return [image for item in images for image in flatten_images(item)]
+    raise TypeError(
+        f"unsupported image input {type(images).__name__}; pass PIL images, numpy arrays, torch tensors or file paths"
+    )
+
+
+def flatten_videos(videos) -> list:
+    """A single video, a list of videos or a list of lists of videos -> a flat list of videos."""
+    if videos is None:
+        return []
+    if isinstance(videos, (np.ndarray, torch.Tensor)):
+        if videos.ndim == 4:
+            return [videos]
+        if videos.ndim == 5:
+            return list(videos)
+        raise ValueError(f"a video array must be 4-D (frames first), got shape {tuple(videos.shape)}")
+    if isinstance(videos, (list, tuple)):
+        if videos and all(_is_single_image(frame) for frame in videos):
+            return [list(videos)]  # one video given as a list of frames
+        return [video for item in videos for video in flatten_videos(item)]
+    raise TypeError(f"unsupported video input {type(videos).__name__}")
+
+
+__all__ = ["AstreaImageProcessor", "ExpertImageSpec", "select_best_resolution", "to_pil_rgb"]

@@ -1,0 +1,181 @@
+"""AstreaProcessor: tokenizer + per-expert image processor + chat template.
+
+Text holds one ``<image>`` marker per image and one ``<video>`` marker per video. The processor
+expands every marker to the exact number of ``<image>`` tokens the model fills: ``num_views *
+num_visual_tokens`` for an image (one view, or the whole image plus its AnyRes tiles) and
+``num_frames * num_visual_tokens`` for a video. Images and videos are consumed in the order their
+markers appear, sample after sample, so a batch can mix samples with several images, videos or none.
+
+The chat template is Vicuna-style (``USER: ... ASSISTANT: ...``), the format of the paper's LLMs,
+with ``{% generation %}`` markers around every assistant answer so that TRL's
+``assistant_only_loss=True`` trains on answers only (paper eq. 1).
+"""
+
+from __future__ import annotations
+
+import re
+
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+from .image_processing_astrea import flatten_images, flatten_videos
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['content'] is string %}{% set parts = [{'type': 'text', 'text': message['content']}] %}"
+    "{% else %}{% set parts = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'system' %}"
+    "{% for part in parts %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{{ '\\n' }}"
+    "{% elif message['role'] == 'user' %}"
+    "{{ 'USER: ' }}"
+    "{% for part in parts %}"
+    "{% if part['type'] == 'image' %}{{ '<image>\\n' }}"
+    "{% elif part['type'] == 'video' %}{{ '<video>\\n' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{{ '\\n' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ 'ASSISTANT:' }}{% generation %}"
+    "{% for part in parts %}{% if part['type'] == 'text' %}{{ ' ' + part['text'] }}{% endif %}{% endfor %}"
+    "{{ eos_token }}{% endgeneration %}{{ '\\n' }}"
+    "{% else %}{{ raise_exception('unknown role ' + message['role'] + ': use system, user or assistant') }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+_MARKERS = re.compile(r"<image>|<video>")
+
+
+class AstreaProcessor(ProcessorMixin):
+    r"""Processor of :class:`AstreaForConditionalGeneration`.
+
+    Args:
+        image_processor (:class:`AstreaImageProcessor`): per-expert pixels (and AnyRes / video views).
+        tokenizer: any tokenizer with ``<image>`` as an added special token whose id is the
+            model's ``image_token_id``.
+        num_visual_tokens (`int`): tokens per view; must equal the model's ``num_visual_tokens``.
+        chat_template (`str`, *optional*): defaults to the Vicuna-style template above.
+    """
+
+    image_token = "<image>"
+    video_token = "<video>"
+
+    def __init__(self, image_processor=None, tokenizer=None, num_visual_tokens: int = 576, chat_template: str | None = None, **kwargs):
+        if chat_template is None:
+            chat_template = CHAT_TEMPLATE
+        self.num_visual_tokens = num_visual_tokens
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        if self.image_token not in tokenizer.get_vocab():
+            raise ValueError(f"the tokenizer has no {self.image_token!r} token; add it as a special token")
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+
+    # ------------------------------------------------------------------------- helpers
+    def _expand_text(self, texts: list[str], images: list, videos: list) -> tuple[list[str], list, list]:
+        """Replace every marker by its ``<image>`` tokens and collect the views in marker order.
+
+        Also returns, per sample, each replacement's character span before and after expansion
+        (``{"span", "new_span"}``), which ``apply_chat_template`` needs to place assistant masks.
+        """
+        n_image_markers = sum(t.count(self.image_token) for t in texts)
+        n_video_markers = sum(t.count(self.video_token) for t in texts)
+        if n_image_markers != len(images):
+            raise ValueError(
+                f"the text has {n_image_markers} {self.image_token} marker(s) but {len(images)} image(s) were given; "
+                f"put one {self.image_token} in the text per image (apply_chat_template does this for "
+                f"{{'type': 'image'}} content) or pass as many images as markers"
+            )
+        if n_video_markers != len(videos):
+            raise ValueError(
+                f"the text has {n_video_markers} {self.video_token} marker(s) but {len(videos)} video(s) were given; "
+                f"put one {self.video_token} in the text per video or pass as many videos as markers"
+            )
+        image_iter, video_iter = iter(images), iter(videos)
+        views, expanded, offsets = [], [], []
+        for text in texts:
+            pieces, last, length, sample_offsets = [], 0, 0, []
+            for match in _MARKERS.finditer(text):
+                pieces.append(text[last : match.start()])
+                length += match.start() - last
+                if match.group() == self.image_token:
+                    item_views = self.image_processor.image_views(next(image_iter))
+                else:
+                    item_views = self.image_processor.video_views(next(video_iter))
+                views.extend(item_views)
+                replacement = self.image_token * (len(item_views) * self.num_visual_tokens)
+                pieces.append(replacement)
+                sample_offsets.append({"span": (match.start(), match.end()), "new_span": (length, length + len(replacement))})
+                length += len(replacement)
+                last = match.end()
+            pieces.append(text[last:])
+            expanded.append("".join(pieces))
+            offsets.append(sample_offsets)
+        return expanded, views, offsets
+
+    def __call__(
+        self,
+        images=None,
+        text: str | list[str] | None = None,
+        videos=None,
+        padding: bool | str = True,
+        padding_side: str | None = None,
+        return_tensors: str | None = "pt",
+        max_length: int | None = None,
+        add_special_tokens: bool = True,
+        **kwargs,
+    ) -> BatchFeature:
+        """Tokenise ``text`` with expanded image markers and process ``images`` / ``videos``.
+
+        Returns ``input_ids``, ``attention_mask`` and one ``pixel_values_<role>`` per expert (when
+        images or videos are given). Padding is on the left by default (generation); pass
+        ``padding_side="right"`` for training collators that want it.
+        """
+        if text is None:
+            raise ValueError("AstreaProcessor needs `text`; put one <image> marker per image in it")
+        texts = [text] if isinstance(text, str) else list(text)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("`text` must be a string or a list of strings")
+        image_list, video_list = flatten_images(images), flatten_videos(videos)
+        expanded, views, offsets = self._expand_text(texts, image_list, video_list)
+
+        passed = ("return_attention_mask", "return_token_type_ids", "return_offsets_mapping")
+        tokenizer_kwargs = {k: v for k, v in kwargs.items() if k in passed and v is not None}
+        encoding = self.tokenizer(
+            expanded,
+            padding=padding,
+            padding_side=padding_side,
+            add_special_tokens=add_special_tokens,
+            return_tensors=None,
+            **tokenizer_kwargs,
+        )
+        limit = max_length or getattr(self.tokenizer, "model_max_length", None)
+        if limit is not None and limit < 10**9:
+            longest = max(len(ids) for ids in encoding["input_ids"])
+            if longest > limit:
+                raise ValueError(
+                    f"a sample is {longest} tokens long (its images count {self.num_visual_tokens} tokens per view) "
+                    f"but the model context is {limit}; shorten the text or pass fewer images / frames"
+                )
+        data = dict(encoding)
+        if kwargs.get("return_text_replacement_offsets"):
+            data["text_replacement_offsets"] = offsets
+        if views:
+            data.update(self.image_processor.pixels_for_views(views, return_tensors=None))
+        return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=["text_replacement_offsets"])
+
+    def num_image_tokens(self, image) -> int:
+        """``<image>`` tokens one image becomes (views x visual tokens)."""
+        return self.image_processor.num_views(image) * self.num_visual_tokens
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+    @property
+    def model_input_names(self):
+        return list(self.tokenizer.model_input_names) + list(self.image_processor.model_input_names)
+
+
+__all__ = ["AstreaProcessor", "CHAT_TEMPLATE"]

@@ -15,7 +15,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     from astrea_vlm.configuration import get_preset
     from astrea_vlm.modeling import AstreaForConditionalGeneration
-    from astrea_vlm.processing.image_utils import pixel_values_for_experts
+    from astrea_vlm.processing import build_processor
 
     torch.manual_seed(args.seed)
     start = time.perf_counter()
@@ -25,15 +25,16 @@ def _demo(args: argparse.Namespace) -> int:
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
+    processor = build_processor(config)
     rng = np.random.default_rng(args.seed)
     image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
-    pixels = pixel_values_for_experts([image], config)
-    prompt = [1] + [config.image_token_id] * config.num_visual_tokens + [42, 43, 44]
-    input_ids = torch.tensor([prompt])
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is in the image?"}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    input_ids = inputs["input_ids"]
     start = time.perf_counter()
     with torch.no_grad():
-        out = model(input_ids=input_ids, **pixels)
-        generated = model.generate(input_ids=input_ids, **pixels, max_new_tokens=args.max_new_tokens, do_sample=False)
+        out = model(**inputs)
+        generated = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     elapsed = time.perf_counter() - start
 
     print(f"astrea demo: preset {args.preset!r}, {params:,} parameters ({trainable:,} trainable), built in {built:.2f} s")
@@ -41,7 +42,9 @@ def _demo(args: argparse.Namespace) -> int:
           f"{config.num_visual_tokens} visual tokens per image")
     probs = {role: round(float(p), 4) for role, p in zip(config.expert_order, out.router_probs[0])}
     print(f"router probabilities: {json.dumps(probs)}")
-    print(f"generated token ids: {generated[0, input_ids.shape[1]:].tolist()}")
+    new_tokens = generated[0, input_ids.shape[1]:]
+    print(f"generated token ids: {new_tokens.tolist()}")
+    print(f"decoded (random weights, so gibberish): {processor.decode(new_tokens, skip_special_tokens=True)!r}")
     print(f"forward + generate({args.max_new_tokens} tokens) in {elapsed:.2f} s")
     return 0
 
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="astrea", description="Astrea: a mixture-of-experts VLM with progressive pre-alignment")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="build a random tiny Astrea and generate (offline)")
-    demo.add_argument("--preset", default="tiny")
+    demo.add_argument("--preset", default="tiny", choices=["tiny"], help="the random preset to build (paper presets need `astrea create`)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--max-new-tokens", type=int, default=8)
     demo.set_defaults(func=_demo)

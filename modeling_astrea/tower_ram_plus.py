@@ -28,10 +28,14 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from timm.models import swin_transformer
 
 from .tower_timm import TimmTower
 from .towers import register_tower
+
+try:  # optional dependency; building the tower without timm raises a clear ImportError (TimmTower)
+    from timm.models import swin_transformer
+except ImportError:
+    swin_transformer = None
 
 
 @register_tower("ram_plus")

@@ -28,7 +28,6 @@ import importlib
 import math
 from typing import Callable
 
-import timm
 import torch
 from torch import nn
 
@@ -40,6 +39,21 @@ from .towers import (
     resolve_weights_file,
     tokens_from_feature_map,
 )
+
+try:  # optional dependency: only the `timm` and `ram_plus` experts need it (see `require_timm`)
+    import timm
+    from timm.models import clean_state_dict, model_entrypoint, parse_model_name, split_model_name_tag
+except ImportError as error:  # a model without timm experts still loads, e.g. from a trust_remote_code folder
+    timm = None
+    _TIMM_IMPORT_ERROR = error
+else:
+    _TIMM_IMPORT_ERROR = None
+
+
+def require_timm(kind: str) -> None:
+    """Raise a clear ``ImportError`` if timm, which the ``kind`` expert needs, is not installed."""
+    if timm is None:
+        raise ImportError(f"the {kind} expert needs the `timm` package: pip install timm") from _TIMM_IMPORT_ERROR
 
 
 class _ForwardFeatures(nn.Module):
@@ -78,6 +92,7 @@ class TimmTower(ExpertTower):
     )
 
     def __init__(self, config):
+        require_timm(config.kind)
         super().__init__(config)
         tower_config = config.tower_config
         self.architecture: str = tower_config.architecture
@@ -220,8 +235,6 @@ class TimmTower(ExpertTower):
            resizes position embeddings / bias tables, and is a no-op on timm-layout weights.
         3. Drop classifier keys (``pretrained_cfg["classifier"]``): the tower has ``num_classes=0``.
         """
-        from timm.models import clean_state_dict
-
         state_dict = clean_state_dict(state_dict)
         filter_fn = self._timm_checkpoint_filter()
         if filter_fn is not None:
@@ -254,8 +267,6 @@ class TimmTower(ExpertTower):
         ``build_model_with_cfg`` call passes it as ``pretrained_filter_fn``), falling back to the
         module of the model class.
         """
-        from timm.models import model_entrypoint, parse_model_name, split_model_name_tag
-
         modules = []
         try:
             _, name = parse_model_name(self.architecture)
@@ -288,4 +299,4 @@ class TimmTower(ExpertTower):
         }
 
 
-__all__ = ["TimmTower"]
+__all__ = ["TimmTower", "require_timm"]

@@ -3,8 +3,9 @@
 The ``tiny`` preset has no pretrained LLM, so ``astrea create --preset tiny`` builds a byte-level
 BPE tokenizer with the `tokenizers` library, without any download: the 256 byte symbols, the
 special tokens ``<pad>`` (0), ``<s>`` (1), ``</s>`` (2) and ``<image>`` (3) -- the ids the tiny
-preset's config expects -- and merges learnt from a small built-in English text until the
-vocabulary reaches the LLM's size. Byte-level coverage means any text round-trips.
+preset's config expects -- and merges learnt from a small built-in English text, up to the LLM's
+vocabulary size (fewer when the text has no more pairs to merge; the LLM may have unused rows).
+Byte-level coverage means any text round-trips.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ left right above below small large one two three four five six seven eight nine 
 
 
 def build_byte_level_tokenizer(vocab_size: int = 320, model_max_length: int = 512) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer of exactly ``vocab_size`` entries (at least 260), built offline."""
+    """A byte-level BPE tokenizer of at most ``vocab_size`` entries (at least 260), built offline."""
     base = len(SPECIAL_TOKENS) + 256
     if vocab_size < base:
         raise ValueError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least {base} entries")

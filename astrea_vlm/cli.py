@@ -49,6 +49,16 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _create(args: argparse.Namespace) -> int:
+    from astrea_vlm.create import create
+
+    towers = {role: getattr(args, role) for role in ("caption", "classification", "detection", "segmentation") if getattr(args, role)}
+    start = time.perf_counter()
+    folder = create(args.preset, args.output, seed=args.seed, llm=args.llm, tokenizer=args.tokenizer, towers=towers, dtype=args.dtype)
+    print(f"wrote {folder} ({', '.join(sorted(p.name for p in folder.iterdir()))}) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="astrea", description="Astrea: a mixture-of-experts VLM with progressive pre-alignment")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--max-new-tokens", type=int, default=8)
     demo.set_defaults(func=_demo)
+
+    create = sub.add_parser("create", help="write a Hub-ready Astrea folder (random tiny, or assembled from pretrained parts)")
+    create.add_argument("--preset", required=True, choices=["tiny", "astrea-13b", "astrea-34b"])
+    create.add_argument("--output", required=True, help="new folder to write")
+    create.add_argument("--seed", type=int, default=0)
+    create.add_argument("--llm", help="Hub id or local folder of the LLM (default: the preset's)")
+    create.add_argument("--tokenizer", help="Hub id or local folder of the tokenizer (default: the LLM's)")
+    for role in ("caption", "classification", "detection", "segmentation"):
+        create.add_argument(f"--{role}", help=f"Hub id or local path of the {role} tower's weights (default: the preset's)")
+    create.add_argument("--dtype", default="auto", help="weights dtype for paper presets (default bfloat16)")
+    create.set_defaults(func=_create)
     args = parser.parse_args(argv)
     return args.func(args)
 

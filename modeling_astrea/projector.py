@@ -10,7 +10,8 @@ spatial correspondence between experts, and cost nothing at decode time. Query t
 score and the top N are kept.
 
 Resampling happens before projection: pooling SAM2's 64x64 grid to 24x24 first makes the
-projector 7x cheaper, and a linear map commutes with pooling anyway.
+projector 7x cheaper. Pooling commutes with the projector's first (linear) layer but not with its
+GELU, so the order is a modelling choice, the cheaper one, not an identity.
 """
 
 from __future__ import annotations

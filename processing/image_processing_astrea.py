@@ -12,7 +12,8 @@ attributes.
 
 Views
     Each input image becomes one or more *views*; each view becomes ``num_visual_tokens`` tokens.
-    Without tiling an image is one view (squashed to the square input, as LLaVA-1.5 does). With
+    Without tiling an image is one view, resized to each expert's square input without keeping its
+    aspect ratio (LLaVA-1.5 pads to a square instead; squashing keeps every pixel of the image). With
     ``image_grid_pinpoints`` (LLaVA-NeXT "AnyRes"), an image becomes the whole image plus the tiles
     of the pinpoint resolution that keeps most of its pixels: the image is resized to fit that
     resolution keeping its aspect ratio, padded, and cut into ``tile_size`` squares. A video is a

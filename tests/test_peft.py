@@ -254,8 +254,21 @@ def test_merge_and_unload_matches_the_adapter_and_round_trips(trained, merged, t
 def test_generate_through_peft_equals_the_merged_model(trained, merged):
     inputs = _prompt_only(trained.batch)
     peft_model = trained.model.eval()
+    towers = peft_model.base_model.model.model.towers
+    calls = {role: 0 for role in towers}
+    hooks = [
+        tower.register_forward_hook(lambda module, args, output, role=role: calls.__setitem__(role, calls[role] + 1))
+        for role, tower in towers.items()
+    ]
+    try:
+        with torch.no_grad():
+            adapted = peft_model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # PEFT's own prepare_inputs_for_generation keeps Astrea's: the towers run in the prefill only.
+    assert calls == {role: 1 for role in towers}
     with torch.no_grad():
-        adapted = peft_model.generate(**inputs, max_new_tokens=6, do_sample=False)
         from_merged = merged.generate(**inputs, max_new_tokens=6, do_sample=False)
         with peft_model.disable_adapter():
             plain = peft_model.generate(**inputs, max_new_tokens=6, do_sample=False)

@@ -10,9 +10,26 @@ import torch
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+def _python_blocks():
+    usage = README.read_text().split("## Usage", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", usage, re.S)
+
+
+def test_readme_folder_workflow_runs(tmp_path, monkeypatch, capsys):
+    from astrea_vlm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["create", "--preset", "tiny", "--output", "astrea-tiny"]) == 0
+    load, peft = _python_blocks()[:2]
+    namespace: dict = {}
+    exec(compile(load, str(README), "exec"), namespace)
+    assert "'role': 'assistant'" in capsys.readouterr().out
+    exec(compile(peft, str(README), "exec"), namespace)
+    assert "trainable params" in capsys.readouterr().out
+
+
 def test_readme_usage_example_runs(capsys):
-    text = README.read_text()
-    block = re.search(r"## Usage\s+```python\n(.*?)```", text, re.S).group(1)
+    block = _python_blocks()[2]
     namespace: dict = {}
     exec(compile(block, str(README), "exec"), namespace)
     out, inputs = namespace["out"], namespace["inputs"]

@@ -13,7 +13,9 @@ Forward, top to bottom, for each image (one run of ``num_visual_tokens`` ``<imag
    resolution and normalisation) -> tokens ``(n_img, N_i, D_i)``;
 2. tokens are resampled to ``num_visual_tokens`` and projected to the LLM width: ``f_i`` (eq. 10's
    FFN output, and the ``C_i`` of the feature cache); precomputed ``C_i`` can be passed instead
-   with ``expert_features={role: tensor}``, which skips that tower and projector;
+   with ``expert_features={role: tensor}``, which skips that tower and projector, and cached
+   resampled tower tokens with ``tower_features={role: tensor}``, which skips the tower only
+   (both are what :class:`astrea_vlm.train.FeatureCache` stores);
 3. the expert at stage position k>0 passes through its :class:`ResidualBridge` over the earlier
    experts' ``C_i`` (eq. 2-4);
 4. :class:`MoEFusion` routes per image, keeps the top-k experts and mixes their adapters (eq. 9-10).
@@ -166,8 +168,14 @@ class AstreaModel(AstreaPreTrainedModel):
             use_text=config.fusion_router_input == "visual+text",
             act=config.projector_hidden_act,
         )
+        # Projection head of the momentum-contrast loss (eq. 5-7): used by the trainer only.
+        self.moco_head = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, config.moco_dim))
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
+
+    def contrastive_embedding(self, fused: torch.Tensor) -> torch.Tensor:
+        """L2-normalised MoCo embedding ``(n_images, moco_dim)`` of fused visual tokens ``(n_images, N, D)``."""
+        return nn.functional.normalize(self.moco_head(fused.mean(dim=1)), dim=-1)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -176,27 +184,35 @@ class AstreaModel(AstreaPreTrainedModel):
         self.language_model.set_input_embeddings(value)
 
     # ------------------------------------------------------------------ visual side
+    def get_tower_tokens(self, role: str, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Tower tokens of one expert resampled to ``num_visual_tokens``: ``(n_images, N, D_i)``."""
+        tower = self.towers[role]
+        return resample_tokens(tower(pixel_values), tower.grid, self.config.num_visual_tokens)
+
     def get_expert_features(
         self,
         pixel_values: dict[str, torch.Tensor] | None = None,
         expert_features: dict[str, torch.Tensor] | None = None,
+        tower_features: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Projector outputs ``C_i`` ``(n_images, N, D)`` per expert, from pixels or precomputed."""
+        """Projector outputs ``C_i`` ``(n_images, N, D)`` per expert, from pixels, cached tower tokens or precomputed."""
         pixel_values = pixel_values or {}
         expert_features = expert_features or {}
+        tower_features = tower_features or {}
         out = {}
         for role in self.expert_order:
             if role in expert_features:
                 out[role] = expert_features[role]
                 continue
-            pixels = pixel_values.get(role)
-            if pixels is None:
+            if role in tower_features:
+                tokens = tower_features[role]
+            elif pixel_values.get(role) is not None:
+                tokens = self.get_tower_tokens(role, pixel_values[role])
+            else:
                 raise ValueError(
                     f"no input for the {role} expert: pass `pixel_values_{role}` (AstreaProcessor makes it) "
-                    f"or its precomputed features in `expert_features['{role}']`"
+                    f"or its cached features in `tower_features['{role}']` / `expert_features['{role}']`"
                 )
-            tower = self.towers[role]
-            tokens = resample_tokens(tower(pixels), tower.grid, self.config.num_visual_tokens)
             projector = self.projectors[role]
             out[role] = projector(tokens.to(projector.layers[0].weight.dtype))
         counts = {role: feature.shape[0] for role, feature in out.items()}
@@ -210,9 +226,19 @@ class AstreaModel(AstreaPreTrainedModel):
         expert_features: dict[str, torch.Tensor] | None = None,
         text_features: torch.Tensor | None = None,
         bridge_generator: torch.Generator | None = None,
+        tower_features: dict[str, torch.Tensor] | None = None,
     ) -> AstreaVisualOutput:
         """Steps 1-4 of the module docstring: fused visual tokens plus the router outputs."""
-        features = self.get_expert_features(pixel_values, expert_features)
+        features = self.get_expert_features(pixel_values, expert_features, tower_features)
+        return self.fuse_expert_features(features, text_features, bridge_generator)
+
+    def fuse_expert_features(
+        self,
+        features: dict[str, torch.Tensor],
+        text_features: torch.Tensor | None = None,
+        bridge_generator: torch.Generator | None = None,
+    ) -> AstreaVisualOutput:
+        """Steps 3-4: residual bridges over the earlier experts' ``C_i``, then the MoE fusion."""
         bridged = {}
         for position, role in enumerate(self.expert_order):
             previous = [features[earlier] for earlier in self.expert_order[:position]]
@@ -250,6 +276,7 @@ class AstreaModel(AstreaPreTrainedModel):
         pixel_values_detection: torch.FloatTensor | None = None,
         pixel_values_segmentation: torch.FloatTensor | None = None,
         expert_features: dict[str, torch.Tensor] | None = None,
+        tower_features: dict[str, torch.Tensor] | None = None,
         use_cache: bool | None = None,
         **kwargs,
     ) -> AstreaModelOutputWithPast:
@@ -266,12 +293,12 @@ class AstreaModel(AstreaPreTrainedModel):
             if value is not None
         }
         visual = None
-        if pixel_values or expert_features:
+        if pixel_values or expert_features or tower_features:
             if input_ids is None:
                 raise ValueError("images need `input_ids` holding the <image> placeholders, not `inputs_embeds`")
             image_mask = input_ids == self.config.image_token_id
             n_tokens = int(image_mask.sum())
-            n_images = next(iter({**pixel_values, **(expert_features or {})}.values())).shape[0]
+            n_images = next(iter({**pixel_values, **(tower_features or {}), **(expert_features or {})}.values())).shape[0]
             per_image = self.config.num_visual_tokens
             if n_tokens != n_images * per_image:
                 raise ValueError(
@@ -282,7 +309,7 @@ class AstreaModel(AstreaPreTrainedModel):
             text_features = None
             if self.fusion.router.use_text:
                 text_features = self._text_features_per_image(input_ids, inputs_embeds, attention_mask, image_mask, n_images)
-            visual = self.get_image_features(pixel_values, expert_features, text_features)
+            visual = self.get_image_features(pixel_values, expert_features, text_features, tower_features=tower_features)
             fused = visual.fused.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], fused.reshape(-1, fused.shape[-1]))
         elif input_ids is not None and past_key_values is None and bool((input_ids == self.config.image_token_id).any()):
@@ -344,6 +371,7 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
         pixel_values_detection: torch.FloatTensor | None = None,
         pixel_values_segmentation: torch.FloatTensor | None = None,
         expert_features: dict[str, torch.Tensor] | None = None,
+        tower_features: dict[str, torch.Tensor] | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -360,6 +388,7 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
             pixel_values_detection=pixel_values_detection,
             pixel_values_segmentation=pixel_values_segmentation,
             expert_features=expert_features,
+            tower_features=tower_features,
             use_cache=use_cache,
             **kwargs,
         )
@@ -392,7 +421,7 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
         model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
         if not is_first_iteration and kwargs.get("use_cache", True):
             # Visual features are computed once, in the prefill; decode steps only run the LLM.
-            for key in (*PIXEL_KEYS, "expert_features"):
+            for key in (*PIXEL_KEYS, "expert_features", "tower_features"):
                 model_inputs.pop(key, None)
         return model_inputs
 

@@ -195,8 +195,11 @@ def test_precomputed_expert_features_equal_the_pixel_path(tester, tiny_model):
             **{f"pixel_values_{caption}": inputs[f"pixel_values_{caption}"]},
             expert_features={r: f for r, f in features.items() if r != caption},
         )
+        towers = {role: tiny_model.model.get_tower_tokens(role, inputs[f"pixel_values_{role}"]) for role in tester.config.expert_order}
+        from_tower_cache = tiny_model(input_ids=inputs["input_ids"], tower_features=towers)
     torch.testing.assert_close(cached.logits, out.logits)
     torch.testing.assert_close(mixed.logits, out.logits)
+    torch.testing.assert_close(from_tower_cache.logits, out.logits)
 
 
 def test_generate_with_and_without_cache_is_identical(tester, tiny_model):

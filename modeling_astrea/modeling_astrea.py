@@ -171,7 +171,25 @@ class AstreaModel(AstreaPreTrainedModel):
         # Projection head of the momentum-contrast loss (eq. 5-7): used by the trainer only.
         self.moco_head = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, config.moco_dim))
         self.language_model = AutoModel.from_config(config.text_config)
+        self.alignment_role: str | None = None
         self.post_init()
+
+    def set_alignment_stage(self, role: str | None) -> None:
+        """Enter (``role``) or leave (``None``) the pre-alignment stage of one expert (paper §3.1).
+
+        While aligning expert k the LLM sees expert k's bridged features ``f'_k`` alone -- the MoE
+        fusion is not trained yet -- and only experts 1..k of the stage order are computed.
+        """
+        if role is not None and role not in self.expert_order:
+            raise ValueError(f"unknown expert role {role!r}; the roles are {self.expert_order}")
+        self.alignment_role = role
+
+    @property
+    def active_roles(self) -> list[str]:
+        """Experts computed by a forward pass: all of them, or 1..k while aligning expert k."""
+        if self.alignment_role is None:
+            return list(self.expert_order)
+        return self.expert_order[: self.expert_order.index(self.alignment_role) + 1]
 
     def contrastive_embedding(self, fused: torch.Tensor) -> torch.Tensor:
         """L2-normalised MoCo embedding ``(n_images, moco_dim)`` of fused visual tokens ``(n_images, N, D)``."""
@@ -200,7 +218,7 @@ class AstreaModel(AstreaPreTrainedModel):
         expert_features = expert_features or {}
         tower_features = tower_features or {}
         out = {}
-        for role in self.expert_order:
+        for role in self.active_roles:
             if role in expert_features:
                 out[role] = expert_features[role]
                 continue
@@ -240,9 +258,11 @@ class AstreaModel(AstreaPreTrainedModel):
     ) -> AstreaVisualOutput:
         """Steps 3-4: residual bridges over the earlier experts' ``C_i``, then the MoE fusion."""
         bridged = {}
-        for position, role in enumerate(self.expert_order):
+        for position, role in enumerate(self.active_roles):
             previous = [features[earlier] for earlier in self.expert_order[:position]]
             bridged[role] = self.bridges[role](features[role], previous, bridge_generator) if previous else features[role]
+        if self.alignment_role is not None:
+            return AstreaVisualOutput(fused=bridged[self.alignment_role], expert_features=features, bridged_features=bridged)
         fusion = self.fusion([bridged[role] for role in self.expert_order], text_features)
         return AstreaVisualOutput(
             fused=fusion.fused,

@@ -342,3 +342,25 @@ def test_auto_classes_resolve_astrea_in_process(tiny_model, tmp_path):
     assert type(AutoConfig.from_pretrained(tmp_path)).__name__ == "AstreaConfig"
     model = AutoModelForImageTextToText.from_pretrained(tmp_path)
     assert isinstance(model, AstreaForConditionalGeneration)
+
+
+def test_alignment_stage_feeds_one_experts_bridged_features_and_needs_only_earlier_experts(tester):
+    model = tester.model()
+    order = tester.config.expert_order
+    pixels = tester.pixels(1)
+    ids = tester.prompt()
+    model.model.set_alignment_stage(order[1])
+    try:
+        needed = {f"pixel_values_{r}": pixels[f"pixel_values_{r}"] for r in order[:2]}
+        with torch.no_grad():
+            out = model(input_ids=ids, **needed)
+            visual = model.model.get_image_features(pixel_values={r: pixels[f"pixel_values_{r}"] for r in order[:2]})
+        assert out.router_probs is None
+        torch.testing.assert_close(out.image_hidden_states, visual.bridged_features[order[1]])
+        assert set(visual.expert_features) == set(order[:2])
+        with pytest.raises(ValueError, match="unknown expert role"):
+            model.model.set_alignment_stage("depth")
+    finally:
+        model.model.set_alignment_stage(None)
+    with torch.no_grad():
+        assert model(input_ids=ids, **pixels).router_probs is not None

@@ -59,6 +59,22 @@ def _create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _align(args: argparse.Namespace) -> int:
+    from astrea_vlm.train.run import run_align
+    from astrea_vlm.train.schedule import load_recipe
+
+    run_align(load_recipe(args.recipe), args.output, resume=args.resume)
+    return 0
+
+
+def _instruct(args: argparse.Namespace) -> int:
+    from astrea_vlm.train.run import run_instruct
+    from astrea_vlm.train.schedule import load_recipe
+
+    run_instruct(load_recipe(args.recipe), args.output, resume=args.resume, init_from=args.init_from)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="astrea", description="Astrea: a mixture-of-experts VLM with progressive pre-alignment")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +94,19 @@ def main(argv: list[str] | None = None) -> int:
         create.add_argument(f"--{role}", help=f"Hub id or local path of the {role} tower's weights (default: the preset's)")
     create.add_argument("--dtype", default="auto", help="weights dtype for paper presets (default bfloat16)")
     create.set_defaults(func=_create)
+
+    align = sub.add_parser("align", help="progressive pre-alignment: caption -> classification -> detection -> segmentation")
+    align.add_argument("--recipe", required=True, help="recipe YAML, or a shipped recipe name (tiny, astrea-13b)")
+    align.add_argument("--output", help="output folder (default: the recipe's output_dir)")
+    align.add_argument("--resume", action="store_true", help="skip finished stages and resume the current one from its last checkpoint")
+    align.set_defaults(func=_align)
+
+    instruct = sub.add_parser("instruct", help="instruction tuning with MoE fusion and momentum contrast")
+    instruct.add_argument("--recipe", required=True, help="recipe YAML, or a shipped recipe name (tiny, astrea-13b)")
+    instruct.add_argument("--output", help="output folder (default: the recipe's output_dir)")
+    instruct.add_argument("--init-from", help="aligned folder to start from (default: <output>/aligned; aligned first if missing)")
+    instruct.add_argument("--resume", action="store_true", help="resume from the last checkpoint")
+    instruct.set_defaults(func=_instruct)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,105 @@
+"""Momentum contrast for the instruction-tuning stage (paper eq. 5-8, 11).
+
+What is contrasted (eq. 5-7 leave it open)
+    The MoE-fused visual embedding of each image -- the representation the instruct stage trains.
+    The *query* is the online model's fused tokens; the *key* comes from a momentum copy of the
+    trainable visual modules (router + adapters, i.e. ``fusion``, and the ``moco_head``) applied
+    to the same bridged expert features. Each view pools a different random half of the visual
+    tokens (different image regions) before the head, so the positive pair is "two regions of one
+    image under the online and the momentum encoder" and the task is not trivial. Reason: the
+    paper motivates MoCo by more negatives for the visual representation at small batch sizes;
+    the fused embedding is what the router and adapters shape, while towers and projectors are
+    frozen by then, so contrasting it trains exactly the instruct-stage visual modules.
+
+The loss (our reading of eq. 5-7)
+    With queries ``q`` (B x d), keys ``k`` (B x d), the queue ``Q`` (N x d) of past keys and
+    temperature ``tau``, ``V = [k; Q]`` plays eq. 5's role: rows ``S_r = q V^T / tau`` (B x (B+N)),
+    columns ``S_c = k q^T / tau`` (B x B). ``r_i`` is the row softmax of ``q_i`` at its own key,
+    ``c_i`` the column softmax of ``k_i`` at its own query, and::
+
+        L_moco = -(1/B) sum_i [lambda * log r_i + (1 - lambda) * log c_i]
+
+    normalised by the batch size B (eq. 7 writes 1/N over the B current samples; dividing by the
+    number of summed terms keeps mu independent of the queue length). After the loss the keys
+    are enqueued and the oldest dropped (FIFO). ``L_total = L_reg + mu * L_moco`` (eq. 11).
+
+Momentum update (eq. 8): ``theta_M = m * theta_M + (1 - m) * theta_E`` after every optimizer step.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _random_half_mean(tokens: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mean over a random half of the tokens of each image: ``(B, N, D) -> (B, D)``."""
+    batch, n, _ = tokens.shape
+    keep = max(1, n // 2)
+    scores = torch.rand(batch, n, device=tokens.device, generator=generator)
+    index = scores.argsort(dim=1)[:, :keep]
+    return tokens.gather(1, index[..., None].expand(-1, -1, tokens.shape[-1])).mean(dim=1)
+
+
+class MomentumContrast(nn.Module):
+    """Momentum encoder (EMA of ``fusion`` + ``moco_head``), the key queue, and the loss.
+
+    Args:
+        backbone: the :class:`AstreaModel` whose ``fusion`` and ``moco_head`` are the online encoder.
+        queue_size, momentum, temperature, lam: N, m, tau and lambda of eq. 5-8.
+    """
+
+    def __init__(self, backbone: nn.Module, queue_size: int, momentum: float, temperature: float, lam: float):
+        super().__init__()
+        self.momentum = momentum
+        self.temperature = temperature
+        self.lam = lam
+        self.fusion = copy.deepcopy(backbone.fusion).requires_grad_(False)
+        self.head = copy.deepcopy(backbone.moco_head).requires_grad_(False)
+        dim = self.head[-1].out_features
+        generator = torch.Generator().manual_seed(0)
+        queue = F.normalize(torch.randn(queue_size, dim, generator=generator), dim=-1)
+        self.register_buffer("queue", queue.to(next(self.head.parameters()).device))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def online_pairs(self, backbone: nn.Module):
+        return [(self.fusion, backbone.fusion), (self.head, backbone.moco_head)]
+
+    @torch.no_grad()
+    def update(self, backbone: nn.Module) -> None:
+        """Eq. 8 on every parameter of the momentum encoder."""
+        for momentum_module, online_module in self.online_pairs(backbone):
+            for theta_m, theta_e in zip(momentum_module.parameters(), online_module.parameters()):
+                theta_m.mul_(self.momentum).add_(theta_e.detach().to(theta_m.dtype), alpha=1.0 - self.momentum)
+
+    def query(self, backbone: nn.Module, fused: torch.Tensor) -> torch.Tensor:
+        return F.normalize(backbone.moco_head(_random_half_mean(fused)), dim=-1)
+
+    @torch.no_grad()
+    def key(self, bridged: list[torch.Tensor], text_features: torch.Tensor | None = None) -> torch.Tensor:
+        fused = self.fusion([b.detach() for b in bridged], text_features).fused
+        return F.normalize(self.head(_random_half_mean(fused)), dim=-1)
+
+    def loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Eq. 5-7 (see the module docstring); ``q`` carries gradients, ``k`` does not."""
+        k = k.to(q.dtype)
+        keys = torch.cat([k, self.queue.to(q.dtype).clone().detach()], dim=0)
+        targets = torch.arange(q.shape[0], device=q.device)
+        rows = q @ keys.T / self.temperature
+        cols = k @ q.T / self.temperature
+        log_r = F.log_softmax(rows, dim=1).gather(1, targets[:, None]).squeeze(1)
+        log_c = F.log_softmax(cols, dim=1).gather(1, targets[:, None]).squeeze(1)
+        return -(self.lam * log_r + (1.0 - self.lam) * log_c).mean()
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """FIFO: write the newest keys over the oldest ones."""
+        size = self.queue.shape[0]
+        keys = keys.detach().to(self.queue.dtype)[-size:]
+        ptr = int(self.queue_ptr)
+        index = (torch.arange(keys.shape[0], device=keys.device) + ptr) % size
+        self.queue[index] = keys
+        self.queue_ptr.fill_((ptr + keys.shape[0]) % size)

@@ -1,0 +1,208 @@
+"""Momentum contrast (eq. 5-8) and AstreaSFTTrainer: loss terms, EMA, queue, freezing, resume."""
+
+from __future__ import annotations
+
+import math
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import TrainerCallback
+from trl import SFTConfig
+
+from astrea_vlm.configuration import get_preset
+from astrea_vlm.modeling import AstreaForConditionalGeneration
+from astrea_vlm.processing import build_processor
+from astrea_vlm.train.moco import MomentumContrast
+from astrea_vlm.train.schedule import configure_stage
+from astrea_vlm.train.trainer import MOCO_STATE, AstreaSFTTrainer
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "white": (250, 250, 250)}
+
+
+def _dataset(n=16):
+    # Coloured images with texture: uniform images would make every visual token identical, and
+    # attention over identical keys has no gradient for its query/key maps.
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        name = list(COLOURS)[i % 4]
+        pixels = np.clip(np.array(COLOURS[name]) + rng.normal(0, 25, (32, 32, 3)), 0, 255).astype(np.uint8)
+        rows.append(
+            {
+                "images": [Image.fromarray(pixels)],
+                "messages": [
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": name}]},
+                ],
+            }
+        )
+    return datasets.Dataset.from_list(rows)
+
+
+def _model(seed=0, **overrides):
+    config = get_preset("tiny", **overrides)
+    torch.manual_seed(seed)
+    return AstreaForConditionalGeneration(config), build_processor(config)
+
+
+def _args(tmp_path, **overrides):
+    base = dict(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        bf16=False,
+        gradient_checkpointing=False,
+        logging_steps=1,
+        report_to=[],
+        assistant_only_loss=True,
+        save_strategy="no",
+        max_length=None,
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+    )
+    base.update(overrides)
+    return SFTConfig(**base)
+
+
+# ---------------------------------------------------------------------------- MoCo maths
+class _Backbone(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        from astrea_vlm.modeling import MoEFusion
+
+        self.fusion = MoEFusion(2, 4, 4, 1, use_text=False)
+        self.moco_head = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU(), torch.nn.Linear(4, 2))
+
+
+def test_moco_loss_matches_eq_5_to_7_by_hand():
+    moco = MomentumContrast(_Backbone(), queue_size=1, momentum=0.9, temperature=0.5, lam=0.25)
+    moco.queue.copy_(torch.tensor([[0.0, 1.0]]))
+    q = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    k = torch.tensor([[0.8, 0.6], [0.0, 1.0]])
+    expected = 0.0
+    for i in range(2):
+        keys = [k[0], k[1], moco.queue[0]]
+        row = [math.exp(float(q[i] @ key) / 0.5) for key in keys]
+        col = [math.exp(float(k[i] @ q[j]) / 0.5) for j in range(2)]
+        r_i, c_i = row[i] / sum(row), col[i] / sum(col)
+        expected += 0.25 * math.log(r_i) + 0.75 * math.log(c_i)
+    expected = -expected / 2
+    assert moco.loss(q, k).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_queue_is_fifo_and_wraps():
+    moco = MomentumContrast(_Backbone(), queue_size=3, momentum=0.9, temperature=0.1, lam=0.5)
+    moco.enqueue(torch.tensor([[1.0, 0.0], [2.0, 0.0]]))
+    assert int(moco.queue_ptr) == 2
+    moco.enqueue(torch.tensor([[3.0, 0.0], [4.0, 0.0]]))
+    assert moco.queue[:, 0].tolist() == [4.0, 2.0, 3.0]  # 4 overwrote the oldest entry (1)
+    assert int(moco.queue_ptr) == 1
+
+
+def test_momentum_update_is_eq_8():
+    backbone = _Backbone()
+    moco = MomentumContrast(backbone, queue_size=2, momentum=0.9, temperature=0.1, lam=0.5)
+    before = moco.head[0].weight.clone()
+    with torch.no_grad():
+        backbone.moco_head[0].weight.add_(1.0)
+    moco.update(backbone)
+    torch.testing.assert_close(moco.head[0].weight, 0.9 * before + 0.1 * backbone.moco_head[0].weight)
+
+
+# ---------------------------------------------------------------------------- trainer
+def test_instruct_steps_add_moco_log_router_stats_and_update_momentum_encoder(tmp_path):
+    model, processor = _model()
+    configure_stage(model, ["router", "adapters", "moco_head", "llm"], list(model.config.expert_order))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = AstreaSFTTrainer(model=model, args=_args(tmp_path, max_steps=1), train_dataset=_dataset(), processing_class=processor)
+    momentum_before = trainer.moco.head[0].weight.clone()
+    queue_before = trainer.moco.queue.clone()
+    trainer.train()
+    m = model.config.moco_momentum
+    # eq. 8 after the single optimizer step
+    torch.testing.assert_close(trainer.moco.head[0].weight, m * momentum_before + (1 - m) * model.model.moco_head[0].weight)
+    assert int(trainer.moco.queue_ptr) == 4 and not torch.equal(trainer.moco.queue[:4], queue_before[:4])
+    assert torch.equal(trainer.moco.queue[4:], queue_before[4:])
+    for name, value in frozen.items():
+        assert torch.equal(dict(model.named_parameters())[name], value), name
+    changed = [n for n, v in trainable.items() if not torch.equal(dict(model.named_parameters())[n], v)]
+    assert any("fusion.router" in n for n in changed) and any("moco_head" in n for n in changed)
+    logs = trainer.state.log_history[0]
+    assert logs["loss_moco"] > 0 and "loss_reg" in logs
+    probs = [logs[f"router/prob_{r}"] for r in model.config.expert_order]
+    assert sum(probs) == pytest.approx(1.0, abs=1e-5)
+    assert sum(logs[f"router/load_{r}"] for r in model.config.expert_order) == pytest.approx(model.config.fusion_top_k)
+    assert 0 < logs["router/entropy"] <= math.log(model.config.fusion_top_k) + 1e-5
+    assert logs["loss"] == pytest.approx(logs["loss_reg"] + model.config.moco_mu * logs["loss_moco"], rel=1e-4)
+
+
+def test_alignment_stage_trains_only_its_projector_and_bridge(tmp_path):
+    model, processor = _model()
+    role = model.config.expert_order[1]
+    model.model.set_alignment_stage(role)
+    configure_stage(model, ["projector", "bridge"], [role])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = AstreaSFTTrainer(model=model, args=_args(tmp_path, max_steps=3), train_dataset=_dataset(), processing_class=processor)
+    assert trainer.moco is None  # no fusion while aligning
+    trainer.train()
+    for name, param in model.named_parameters():
+        ours = name.startswith((f"model.projectors.{role}.", f"model.bridges.{role}."))
+        if ours and "gate" not in name:
+            assert not torch.equal(param, before[name]), f"{name} did not train"
+        elif not ours:
+            assert torch.equal(param, before[name]), f"{name} changed but is frozen"
+
+
+def test_loss_falls_clearly_on_a_fixed_tiny_batch(tmp_path):
+    model, processor = _model()
+    configure_stage(model, ["router", "adapters", "moco_head", "llm"], list(model.config.expert_order))
+    trainer = AstreaSFTTrainer(
+        model=model, args=_args(tmp_path, max_steps=50, learning_rate=3e-3), train_dataset=_dataset(4), processing_class=processor
+    )
+    trainer.train()
+    losses = [h["loss_reg"] for h in trainer.state.log_history if "loss_reg" in h]
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_resume_after_a_stop_ends_with_the_same_weights_and_queue(tmp_path):
+    def run(folder, stop=None, resume=False):
+        model, processor = _model()
+        configure_stage(model, ["router", "adapters", "moco_head", "llm"], list(model.config.expert_order))
+        args = _args(folder, max_steps=6, save_strategy="steps", save_steps=3)
+        trainer = AstreaSFTTrainer(model=model, args=args, train_dataset=_dataset(), processing_class=processor)
+        if stop:
+            trainer.add_callback(_StopAt(stop))
+        trainer.train(resume_from_checkpoint=True if resume else None)
+        return model, trainer
+
+    straight, t1 = run(tmp_path / "a")
+    run(tmp_path / "b", stop=3)
+    assert (tmp_path / "b" / "checkpoint-3" / MOCO_STATE).is_file()
+    resumed, t2 = run(tmp_path / "b", resume=True)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert torch.equal(t1.moco.queue, t2.moco.queue) and int(t1.moco.queue_ptr) == int(t2.moco.queue_ptr)
+    assert torch.equal(t1.moco.head[0].weight, t2.moco.head[0].weight)
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path):
+    model, processor = _model()
+    trainer = AstreaSFTTrainer(model=model, args=_args(tmp_path / "empty"), train_dataset=_dataset(), processing_class=processor)
+    with pytest.raises(ValueError, match="no checkpoint found"):
+        trainer.train(resume_from_checkpoint=True)

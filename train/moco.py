@@ -28,6 +28,7 @@ Momentum update (eq. 8): ``theta_M = m * theta_M + (1 - m) * theta_E`` after eve
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -44,6 +45,27 @@ def _random_half_mean(tokens: torch.Tensor, generator: torch.Generator | None = 
     return tokens.gather(1, index[..., None].expand(-1, -1, tokens.shape[-1])).mean(dim=1)
 
 
+def _full_parameters(module: nn.Module):
+    """Under DeepSpeed ZeRO-3 parameters are sharded: gather them for reading; otherwise a no-op."""
+    params = list(module.parameters())
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def _plain_copy(module: nn.Module) -> nn.Module:
+    """A frozen copy holding plain tensors (no ZeRO/FSDP attributes or hooks carried over)."""
+    with _full_parameters(module):
+        clone = copy.deepcopy(module)
+        for sub in clone.modules():
+            for name, param in list(sub._parameters.items()):
+                if param is not None:
+                    sub._parameters[name] = nn.Parameter(param.detach().clone(), requires_grad=False)
+    return clone
+
+
 class MomentumContrast(nn.Module):
     """Momentum encoder (EMA of ``fusion`` + ``moco_head``), the key queue, and the loss.
 
@@ -57,8 +79,8 @@ class MomentumContrast(nn.Module):
         self.momentum = momentum
         self.temperature = temperature
         self.lam = lam
-        self.fusion = copy.deepcopy(backbone.fusion).requires_grad_(False)
-        self.head = copy.deepcopy(backbone.moco_head).requires_grad_(False)
+        self.fusion = _plain_copy(backbone.fusion)
+        self.head = _plain_copy(backbone.moco_head)
         dim = self.head[-1].out_features
         generator = torch.Generator().manual_seed(0)
         queue = F.normalize(torch.randn(queue_size, dim, generator=generator), dim=-1)
@@ -72,8 +94,9 @@ class MomentumContrast(nn.Module):
     def update(self, backbone: nn.Module) -> None:
         """Eq. 8 on every parameter of the momentum encoder."""
         for momentum_module, online_module in self.online_pairs(backbone):
-            for theta_m, theta_e in zip(momentum_module.parameters(), online_module.parameters()):
-                theta_m.mul_(self.momentum).add_(theta_e.detach().to(theta_m.dtype), alpha=1.0 - self.momentum)
+            with _full_parameters(online_module):
+                for theta_m, theta_e in zip(momentum_module.parameters(), online_module.parameters()):
+                    theta_m.mul_(self.momentum).add_(theta_e.detach().to(theta_m.dtype), alpha=1.0 - self.momentum)
 
     def query(self, backbone: nn.Module, fused: torch.Tensor) -> torch.Tensor:
         return F.normalize(backbone.moco_head(_random_half_mean(fused)), dim=-1)

@@ -40,6 +40,7 @@ def _sft_config(recipe: Recipe, phase, output_dir: Path, **overrides):
         max_length=None,
         report_to=[],
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=True,  # dropped experts' adapters and frozen stages take no gradient
         disable_tqdm=False,
         use_cpu=not torch.cuda.is_available(),
         **optim,

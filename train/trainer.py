@@ -17,6 +17,7 @@ at ``SFTTrainer``'s documented hooks:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -85,9 +86,19 @@ class AstreaSFTTrainer(SFTTrainer):
             inputs["labels"] = inputs["labels"].masked_fill(inputs["input_ids"] == self.image_token_id, -100)
         captured: dict = {}
 
+        use_moco = self.moco is not None and self.model.training
+
         def capture(module, args, output):
-            captured.setdefault("args", args)
-            captured.setdefault("output", output)
+            if "output" in captured:  # a second forward (e.g. for logits) is not the training one
+                return
+            captured["args"], captured["output"] = args, output
+            if use_moco:
+                # The query head runs inside the model's forward, and is tied into the output with a
+                # zero-weighted term, so DDP's unused-parameter search reaches it: otherwise DDP marks
+                # it unused after the forward and fails when the MoCo loss then gives it a gradient.
+                query = self.moco.query(self.backbone, output.fused)
+                captured["query"] = query
+                return dataclasses.replace(output, fused=output.fused + 0.0 * query.sum())
 
         handle = self.backbone.fusion.register_forward_hook(capture)
         try:
@@ -95,7 +106,7 @@ class AstreaSFTTrainer(SFTTrainer):
         finally:
             handle.remove()
         loss, outputs = result if return_outputs else (result, None)
-        self._metrics[mode]["loss_reg"].append(float(loss.detach()))
+        self._metrics[mode]["loss_reg"].append(self._global_mean(loss))
 
         fusion = captured.get("output")
         if fusion is not None:
@@ -103,16 +114,20 @@ class AstreaSFTTrainer(SFTTrainer):
             steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
             if self.load_balance_coef > 0:
                 loss = loss + self.load_balance_coef * fusion.load_balance_loss / steps
-            if self.moco is not None and self.model.training:
+            if use_moco:
                 bridged = captured["args"][0]
                 text = captured["args"][1] if len(captured["args"]) > 1 else None
-                q = self.moco.query(self.backbone, fusion.fused)
+                q = captured["query"]
                 k = self.moco.key(bridged, text)
                 moco_loss = self.moco.loss(q, k)
                 loss = loss + self.moco_mu * moco_loss / steps
                 self.moco.enqueue(self.accelerator.gather(k))
-                self._metrics[mode]["loss_moco"].append(float(moco_loss.detach()))
+                self._metrics[mode]["loss_moco"].append(self._global_mean(moco_loss))
         return (loss, outputs) if return_outputs else loss
+
+    def _global_mean(self, value: torch.Tensor) -> float:
+        """Mean over processes: each rank's loss is its share of the global batch's mean."""
+        return float(self.accelerator.gather(value.detach().reshape(1)).mean())
 
     def _log_router(self, mode: str, probs: torch.Tensor) -> None:
         probs = self.accelerator.gather_for_metrics(probs.float())

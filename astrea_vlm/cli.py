@@ -75,6 +75,28 @@ def _instruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from astrea_vlm.eval.runner import run_eval
+
+    results = run_eval(args.model, args.task, args.data, output=args.output, batch_size=args.batch_size,
+                       max_new_tokens=args.max_new_tokens, limit=args.limit, device=args.device)
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in results["metrics"].items()}
+    print(f"astrea eval {args.task}: {json.dumps(shown)}")
+    print(f"wrote {results['output']}/results.json and results.md")
+    return 0
+
+
+def _cache_build(args: argparse.Namespace) -> int:
+    from astrea_vlm.train.feature_cache import build_from_folder
+
+    roles = [r.strip() for r in args.roles.split(",") if r.strip()] if args.roles else None
+    stats = build_from_folder(args.model, args.data, args.output, roles=roles, kind=args.kind,
+                              batch_size=args.batch_size, device=args.device)
+    print(f"astrea cache build: {stats['images']} image(s), {args.kind} features, computed {json.dumps(stats['computed'])}, "
+          f"already cached {json.dumps(stats['skipped'])}, {stats['shards']} shard(s) in {stats['seconds']:.1f} s -> {stats['output']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="astrea", description="Astrea: a mixture-of-experts VLM with progressive pre-alignment")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +129,29 @@ def main(argv: list[str] | None = None) -> int:
     instruct.add_argument("--init-from", help="aligned folder to start from (default: <output>/aligned; aligned first if missing)")
     instruct.add_argument("--resume", action="store_true", help="resume from the last checkpoint")
     instruct.set_defaults(func=_instruct)
+
+    evaluate = sub.add_parser("eval", help="evaluate a model folder on a local dataset (batched greedy generation)")
+    evaluate.add_argument("--model", required=True, help="model folder (written by `astrea create` or training)")
+    evaluate.add_argument("--task", required=True, choices=["vqa", "exact_match", "multiple_choice", "grounding", "caption", "qa"])
+    evaluate.add_argument("--data", required=True, help="local JSON / JSONL file or `datasets` folder (see astrea_vlm.eval.data)")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--output", help="results folder (default: <model>/eval/<task>)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=32)
+    evaluate.add_argument("--limit", type=int, help="evaluate only the first N records")
+    evaluate.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    evaluate.set_defaults(func=_eval)
+    cache = sub.add_parser("cache", help="feature cache of the frozen experts (see astrea_vlm.train.feature_cache)")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    cache_build = cache_sub.add_parser("build", help="compute and store tower tokens / projected features once per image")
+    cache_build.add_argument("--model", required=True, help="model folder (written by `astrea create` or training)")
+    cache_build.add_argument("--data", required=True, help="JSON / JSONL list of image paths or records with 'image' / 'images' "
+                             "(relative to the file), a `datasets` folder with an 'images' or 'image' column, or a folder of images")
+    cache_build.add_argument("--output", required=True, help="cache folder (created or extended)")
+    cache_build.add_argument("--roles", help="comma-separated experts (default: all)")
+    cache_build.add_argument("--kind", default="tower", choices=["tower", "projected"])
+    cache_build.add_argument("--batch-size", type=int, default=8)
+    cache_build.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    cache_build.set_defaults(func=_cache_build)
     args = parser.parse_args(argv)
     return args.func(args)
 

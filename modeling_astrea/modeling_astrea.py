@@ -172,17 +172,26 @@ class AstreaModel(AstreaPreTrainedModel):
         self.moco_head = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, config.moco_dim))
         self.language_model = AutoModel.from_config(config.text_config)
         self.alignment_role: str | None = None
+        self.alignment_group: list[str] = []
         self.post_init()
 
-    def set_alignment_stage(self, role: str | None) -> None:
-        """Enter (``role``) or leave (``None``) the pre-alignment stage of one expert (paper §3.1).
+    def set_alignment_stage(self, roles: str | list[str] | None) -> None:
+        """Enter (``roles``) or leave (``None``) a pre-alignment stage (paper §3.1).
 
         While aligning expert k the LLM sees expert k's bridged features ``f'_k`` alone -- the MoE
-        fusion is not trained yet -- and only experts 1..k of the stage order are computed.
+        fusion is not trained yet -- and only experts 1..k of the stage order are computed. A joint
+        stage (Table 6's "Cap->All") aligns several consecutive experts at once; the LLM then sees
+        the mean of their bridged features.
         """
-        if role is not None and role not in self.expert_order:
-            raise ValueError(f"unknown expert role {role!r}; the roles are {self.expert_order}")
-        self.alignment_role = role
+        if roles is None:
+            self.alignment_role, self.alignment_group = None, []
+            return
+        group = [roles] if isinstance(roles, str) else list(roles)
+        unknown = [r for r in group if r not in self.expert_order]
+        if unknown or not group:
+            raise ValueError(f"unknown expert role(s) {unknown or group}; the roles are {self.expert_order}")
+        self.alignment_group = sorted(group, key=self.expert_order.index)
+        self.alignment_role = self.alignment_group[-1]
 
     @property
     def active_roles(self) -> list[str]:
@@ -262,7 +271,8 @@ class AstreaModel(AstreaPreTrainedModel):
             previous = [features[earlier] for earlier in self.expert_order[:position]]
             bridged[role] = self.bridges[role](features[role], previous, bridge_generator) if previous else features[role]
         if self.alignment_role is not None:
-            return AstreaVisualOutput(fused=bridged[self.alignment_role], expert_features=features, bridged_features=bridged)
+            fused = torch.stack([bridged[role] for role in self.alignment_group]).mean(dim=0)
+            return AstreaVisualOutput(fused=fused, expert_features=features, bridged_features=bridged)
         fusion = self.fusion([bridged[role] for role in self.expert_order], text_features)
         return AstreaVisualOutput(
             fused=fusion.fused,

@@ -1,0 +1,252 @@
+"""Routing report (paper Fig. 2) and training curves (paper Fig. 3), as PNG and markdown.
+
+**Router probabilities** come from ``astrea eval`` results JSONs: every sample stores the router
+probabilities of each of its images (``(n_images, n_experts)``, experts in the results'
+``expert_order``). For each group (a ``question_type``, or the task of each results file) the
+table gives each expert's mean probability over **all images** of the group's samples (a sample
+with two images counts twice: routing is per image). The PNG is a grouped bar chart, one group of
+bars per task / question type, one bar per expert.
+
+**Training curves** come from trainer logs: ``trainer_state.json``'s ``log_history`` (a list of
+dicts with ``step`` and the logged keys: ``loss``, ``learning_rate``, ``grad_norm``, ``router/...``,
+evaluation metrics ...). Each stage is a folder (or file); stages are drawn one after the other on
+a shared step axis (stage ``k`` starts where stage ``k-1`` ended), with a dashed line and the stage
+name at each boundary, one panel per logged key, as in Fig. 3.
+
+Command line: ``python -m astrea_vlm.eval.report --results R.json [R2.json ...] --stages DIR
+[DIR ...] --output FOLDER``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+# Bookkeeping keys of the trainer's log that are not curves.
+SKIPPED_LOG_KEYS = frozenset({"step", "epoch", "total_flos", "train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss"})
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ------------------------------------------------------------------------------- router report
+def _load_results(item) -> dict:
+    if isinstance(item, Mapping):
+        return dict(item)
+    return json.loads(Path(item).read_text(encoding="utf-8"))
+
+
+def router_table(results: Sequence, group_by: str = "question_type") -> tuple[dict[str, dict[str, float]], list[str], dict[str, int]]:
+    """Mean router probability of each expert per group.
+
+    ``results``: results dicts or paths of ``results.json`` files (from ``astrea eval``); they must
+    share one ``expert_order``. ``group_by``: ``"question_type"`` or ``"task"``.
+    Returns ``(table, expert_order, n_images)`` with ``table[group][expert]`` the mean and
+    ``n_images[group]`` the number of images averaged.
+    """
+    if group_by not in ("question_type", "task"):
+        raise ValueError("group_by is 'question_type' or 'task'")
+    if isinstance(results, (str, Path, Mapping)):
+        results = [results]
+    sums: dict[str, list[float]] = {}
+    counts: dict[str, int] = defaultdict(int)
+    order: list[str] | None = None
+    for item in results:
+        result = _load_results(item)
+        experts = list(result.get("expert_order") or [])
+        if order is None:
+            order = experts
+        elif experts != order:
+            raise ValueError(f"results with different expert orders: {order} vs {experts}")
+        for sample in result["samples"]:
+            group = result["task"] if group_by == "task" else sample["question_type"]
+            for probs in sample.get("router_probs") or []:
+                if len(probs) != len(order):
+                    raise ValueError(f"router probabilities of length {len(probs)} but {len(order)} experts")
+                row = sums.setdefault(group, [0.0] * len(order))
+                for i, p in enumerate(probs):
+                    row[i] += float(p)
+                counts[group] += 1
+    if not sums:
+        raise ValueError("no router probabilities in the results (was the model evaluated in an alignment stage?)")
+    table = {group: {e: row[i] / counts[group] for i, e in enumerate(order)} for group, row in sums.items()}
+    return table, list(order), dict(counts)
+
+
+def router_markdown(table: Mapping[str, Mapping[str, float]], expert_order: Sequence[str], n_images: Mapping[str, int] | None = None) -> str:
+    """The router table as markdown: one row per group, one column per expert (4 decimals)."""
+    lines = ["| group | images | " + " | ".join(expert_order) + " |", "| --- | --- | " + " | ".join("---" for _ in expert_order) + " |"]
+    for group in sorted(table):
+        n = "" if n_images is None else str(n_images.get(group, ""))
+        lines.append(f"| {group} | {n} | " + " | ".join(f"{table[group][e]:.4f}" for e in expert_order) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_router_bars(table: Mapping[str, Mapping[str, float]], expert_order: Sequence[str], path: str | Path, title: str | None = None) -> Path:
+    """Grouped bar chart of the router table (paper Fig. 2) saved as a PNG."""
+    plt = _pyplot()
+    groups = sorted(table)
+    width = 0.8 / max(1, len(expert_order))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(groups) + 2), 3.5))
+    for i, expert in enumerate(expert_order):
+        xs = [g + (i - (len(expert_order) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, [table[group][expert] for group in groups], width=width, label=expert)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=20, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("mean router probability")
+    ax.set_title(title or "router probability per expert")
+    ax.legend(fontsize="small", ncol=min(4, len(expert_order)))
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_router_report(results: Sequence, output: str | Path, group_by: str = "question_type") -> tuple[Path, Path]:
+    """``router.md`` and ``router.png`` in ``output`` from results JSONs; returns their paths."""
+    table, order, counts = router_table(results, group_by=group_by)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    md = output / "router.md"
+    md.write_text(f"# Mean router probability per {group_by.replace('_', ' ')}\n\n" + router_markdown(table, order, counts), encoding="utf-8")
+    return md, plot_router_bars(table, order, output / "router.png")
+
+
+# ------------------------------------------------------------------------------ training curves
+def load_log_history(source: str | Path) -> list[tuple[str, list[dict]]]:
+    """``[(stage name, log_history), ...]`` of one stage folder or log file.
+
+    A folder is read from its ``trainer_state.json``, else its ``stage_done.json`` (what
+    ``astrea align`` / ``instruct`` write when a stage ends), else the ``trainer_state.json`` of its
+    last ``checkpoint-N``. A file may be a ``trainer_state.json``, a ``stage_done.json`` or an
+    ``alignment_summary.json`` (a list of stage summaries, giving several stages).
+    """
+    source = Path(source)
+    if source.is_dir():
+        candidates = [source / "trainer_state.json", source / "stage_done.json"]
+        checkpoints = sorted(source.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[-1]))
+        found = next((c for c in candidates if c.is_file()), checkpoints[-1] if checkpoints else None)
+        if found is None:
+            raise FileNotFoundError(f"{source}: no trainer_state.json, stage_done.json or checkpoint-*/trainer_state.json")
+        return [(source.name, _history(json.loads(found.read_text(encoding="utf-8")), found))]
+    data = json.loads(source.read_text(encoding="utf-8"))
+    if isinstance(data, list):
+        return [(str(s.get("stage", f"stage-{i + 1}")), _history(s, source)) for i, s in enumerate(data)]
+    name = data.get("stage") or (source.parent.name if source.name in ("trainer_state.json", "stage_done.json") else source.stem)
+    return [(str(name), _history(data, source))]
+
+
+def _history(data: Mapping, where) -> list[dict]:
+    history = data.get("log_history")
+    if not isinstance(history, list):
+        raise ValueError(f"{where}: no log_history list")
+    return [dict(entry) for entry in history]
+
+
+def stage_curves(stages: Sequence[tuple[str, list[dict]]], keys: Sequence[str] | None = None) -> tuple[dict[str, list[tuple[float, float, int]]], list[tuple[str, float, float]]]:
+    """Curves on the shared step axis: ``({key: [(step, value, stage index), ...]}, [(stage, start, end), ...])``.
+
+    Stage ``k``'s steps are offset by the last step of the stages before it. Only numeric, finite
+    values are kept; without ``keys``, every logged key but the bookkeeping ones
+    (:data:`SKIPPED_LOG_KEYS`, ``*_runtime``, ``*_per_second``) is drawn.
+    """
+    curves: dict[str, list[tuple[float, float, int]]] = defaultdict(list)
+    spans = []
+    offset = 0.0
+    for index, (name, history) in enumerate(stages):
+        last = 0.0
+        for entry in history:
+            step = entry.get("step")
+            if not isinstance(step, (int, float)):
+                continue
+            last = max(last, float(step))
+            for key, value in entry.items():
+                if keys is not None and key not in keys:
+                    continue
+                if keys is None and (key in SKIPPED_LOG_KEYS or key.endswith(("_runtime", "_per_second"))):
+                    continue
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    curves[key].append((offset + float(step), float(value), index))
+        spans.append((name, offset, offset + last))
+        offset += last
+    return dict(curves), spans
+
+
+def plot_training_curves(stages: Sequence, path: str | Path, keys: Sequence[str] | None = None, title: str | None = None) -> Path:
+    """One panel per logged key across all stages (paper Fig. 3), saved as a PNG.
+
+    ``stages``: stage folders / log files (see :func:`load_log_history`), or ``(name, log_history)`` pairs.
+    """
+    loaded: list[tuple[str, list[dict]]] = []
+    for stage in stages:
+        if isinstance(stage, tuple):
+            loaded.append((str(stage[0]), list(stage[1])))
+        else:
+            loaded.extend(load_log_history(stage))
+    curves, spans = stage_curves(loaded, keys)
+    if not curves:
+        raise ValueError("no numeric values logged with a step in these stages")
+    plt = _pyplot()
+    names = sorted(curves, key=lambda k: (k != "loss", k))
+    columns = min(3, len(names))
+    rows = math.ceil(len(names) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, key in zip(axes.flat, names):
+        for index, (stage, start, end) in enumerate(spans):
+            points = [(x, y) for x, y, s in curves[key] if s == index]
+            if points:
+                ax.plot(*zip(*points), marker="." if len(points) < 30 else None, color=colours[index % len(colours)], label=stage)
+            if index:
+                ax.axvline(start, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_xlim(0, max(1.0, spans[-1][2]))  # every panel spans all the stages
+        ax.set_title(key)
+        ax.set_xlabel("step (stages one after the other)")
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), fontsize="small")
+    if title:
+        fig.suptitle(title, y=0.02, fontsize="small")
+    fig.tight_layout(rect=(0, 0.03, 1, 0.92))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------- command line
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m astrea_vlm.eval.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", nargs="*", default=[], help="results.json files of `astrea eval`")
+    parser.add_argument("--group-by", default="question_type", choices=["question_type", "task"])
+    parser.add_argument("--stages", nargs="*", default=[], help="stage folders or trainer_state.json files, in training order")
+    parser.add_argument("--output", required=True, help="folder for router.md / router.png / training_curves.png")
+    args = parser.parse_args(argv)
+    if not args.results and not args.stages:
+        parser.error("give --results and/or --stages")
+    if args.results:
+        md, png = write_router_report(args.results, args.output, group_by=args.group_by)
+        print(f"wrote {md} and {png}")
+    if args.stages:
+        print(f"wrote {plot_training_curves(args.stages, Path(args.output) / 'training_curves.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

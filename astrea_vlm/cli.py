@@ -9,43 +9,17 @@ import time
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-    from PIL import Image
+    from astrea_vlm.demo import DemoSettings, run_demo
 
-    from astrea_vlm.configuration import get_preset
-    from astrea_vlm.modeling import AstreaForConditionalGeneration
-    from astrea_vlm.processing import build_processor
+    extra = {} if args.warmup_steps is None else {"warmup_steps": args.warmup_steps}
+    run_demo(DemoSettings(recipe=args.recipe, output=args.output, seed=args.seed, test_size=args.test_size, **extra))
+    return 0
 
-    torch.manual_seed(args.seed)
-    start = time.perf_counter()
-    config = get_preset(args.preset)
-    model = AstreaForConditionalGeneration(config).eval()
-    built = time.perf_counter() - start
-    params = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    processor = build_processor(config)
-    rng = np.random.default_rng(args.seed)
-    image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
-    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is in the image?"}]}]
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
-    input_ids = inputs["input_ids"]
-    start = time.perf_counter()
-    with torch.no_grad():
-        out = model(**inputs)
-        generated = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-    elapsed = time.perf_counter() - start
+def _ablate(args: argparse.Namespace) -> int:
+    from astrea_vlm.demo import DemoSettings, run_ablation
 
-    print(f"astrea demo: preset {args.preset!r}, {params:,} parameters ({trainable:,} trainable), built in {built:.2f} s")
-    print(f"experts (stage order): {', '.join(config.expert_order)}; top-{config.fusion_top_k} fusion; "
-          f"{config.num_visual_tokens} visual tokens per image")
-    probs = {role: round(float(p), 4) for role, p in zip(config.expert_order, out.router_probs[0])}
-    print(f"router probabilities: {json.dumps(probs)}")
-    new_tokens = generated[0, input_ids.shape[1]:]
-    print(f"generated token ids: {new_tokens.tolist()}")
-    print(f"decoded (random weights, so gibberish): {processor.decode(new_tokens, skip_special_tokens=True)!r}")
-    print(f"forward + generate({args.max_new_tokens} tokens) in {elapsed:.2f} s")
+    run_ablation(args.what, seeds=args.seeds, base=DemoSettings(recipe=args.recipe, output=args.output))
     return 0
 
 
@@ -100,11 +74,20 @@ def _cache_build(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="astrea", description="Astrea: a mixture-of-experts VLM with progressive pre-alignment")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="build a random tiny Astrea and generate (offline)")
-    demo.add_argument("--preset", default="tiny", choices=["tiny"], help="the random preset to build (paper presets need `astrea create`)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--max-new-tokens", type=int, default=8)
+    demo = sub.add_parser("demo", help="train and evaluate a tiny Astrea end to end on the synthetic world (offline, minutes)")
+    demo.add_argument("--recipe", default="demo", help="recipe YAML or shipped recipe name (default: demo)")
+    demo.add_argument("--output", default="outputs/demo", help="output folder (data, checkpoints, report)")
+    demo.add_argument("--seed", type=int, default=0, help="offsets the data, model and training seeds")
+    demo.add_argument("--test-size", type=int, default=64, help="test scenes (7 questions each)")
+    demo.add_argument("--warmup-steps", type=int, help="tower warm-up steps per expert (0: random towers; default: the demo's)")
     demo.set_defaults(func=_demo)
+
+    ablate = sub.add_parser("ablate", help="rerun the demo pipeline with the paper's ablation variants (Tables 3, 4, 6)")
+    ablate.add_argument("--what", required=True, choices=["topk", "order", "residual", "moco"])
+    ablate.add_argument("--seeds", type=int, default=3)
+    ablate.add_argument("--recipe", default="demo")
+    ablate.add_argument("--output", default="outputs/demo")
+    ablate.set_defaults(func=_ablate)
 
     create = sub.add_parser("create", help="write a Hub-ready Astrea folder (random tiny, or assembled from pretrained parts)")
     create.add_argument("--preset", required=True, choices=["tiny", "astrea-13b", "astrea-34b"])

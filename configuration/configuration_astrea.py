@@ -42,6 +42,11 @@ _TOWER_MODEL_TYPES = {
 }
 
 
+#: Upper bounds of :meth:`AstreaConfig.validate`'s size checks (far above the paper's 34B model).
+MAX_PARAMETERS = 2 * 10**12
+MAX_IMAGE_SIDE = 16384
+
+
 def _check(condition: bool, field: str, value: Any, why: str) -> None:
     if not condition:
         raise ValueError(f"AstreaConfig: invalid `{field}`={value!r}: {why}")
@@ -350,6 +355,44 @@ class AstreaConfig(PreTrainedConfig):
         _check(0.0 <= self.moco_lambda <= 1.0, "moco_lambda", self.moco_lambda, "lambda must lie in [0, 1]")
         _check(self.moco_mu >= 0, "moco_mu", self.moco_mu, "mu must be >= 0")
         _check(self.moco_dim >= 1, "moco_dim", self.moco_dim, "must be >= 1")
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        """Refuse absurd sizes by arithmetic, before anything is allocated (a typo such as
+        ``hidden_size=10**9`` would otherwise ask for terabytes, or be OOM-killed)."""
+        text = self.text_config
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size", "max_position_embeddings"):
+            value = getattr(text, name, None)
+            if value is not None:
+                _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, f"text_config.{name}", value, "must be a positive int")
+        context = getattr(text, "max_position_embeddings", None)
+        if context is not None:
+            _check(
+                self.num_visual_tokens <= context,
+                "num_visual_tokens",
+                self.num_visual_tokens,
+                f"one image would not fit in the LLM context (text_config.max_position_embeddings={context})",
+            )
+        for role, expert in self.expert_configs.items():
+            _check(expert.image_size <= MAX_IMAGE_SIDE, f"{role}_config.image_size", expert.image_size, f"must be <= {MAX_IMAGE_SIDE} pixels")
+        d = text.hidden_size
+        inter = getattr(text, "intermediate_size", None) or 4 * d
+        estimate = 2 * text.vocab_size * d + text.num_hidden_layers * (4 * d * d + 3 * d * inter)
+        estimate += self.num_experts * 2 * d * (self.fusion_adapter_dim or d) + 4 * d * d * max(0, self.num_experts - 1)
+        estimate += self.projector_depth * d * d * self.num_experts + d * d + d * self.moco_dim + self.moco_queue_size * self.moco_dim
+        for role, expert in self.expert_configs.items():
+            tower = expert.tower_config
+            width = getattr(tower, "hidden_size", None) or getattr(tower, "d_model", None) or 0
+            layers = getattr(tower, "num_hidden_layers", None) or 1
+            if isinstance(width, int) and isinstance(layers, int):
+                estimate += 12 * width * width * layers + width * d
+        _check(
+            estimate <= MAX_PARAMETERS,
+            "text_config / expert sizes",
+            f"~{estimate:.3g} parameters",
+            f"more than {MAX_PARAMETERS:.0e}, larger than any model this code is meant to build; check hidden_size, "
+            "intermediate_size, num_hidden_layers, vocab_size, fusion_adapter_dim, moco_queue_size and moco_dim",
+        )
 
 
 __all__ = ["AstreaConfig", "AstreaExpertConfig", "EXPERT_ROLES", "TOWER_KINDS"]

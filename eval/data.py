@@ -73,7 +73,22 @@ def load_records(path: str | Path) -> tuple[list[dict], Path]:
 
 
 def load_image(value, base_dir: Path) -> Image.Image:
-    """One image field value (see the module docstring) -> an RGB PIL image."""
+    """One image field value (see the module docstring) -> an RGB PIL image.
+
+    A corrupt, truncated or non-image file raises ``ValueError`` saying so (PIL's own errors are
+    many types and do not name the file).
+    """
+    try:
+        return _load_image(value, base_dir)
+    except (ValueError, TypeError, FileNotFoundError):
+        raise
+    except (OSError, SyntaxError, EOFError, IndexError, KeyError, Image.DecompressionBombError) as error:
+        where = value if isinstance(value, str) and not value.startswith("data:") else (value.get("path") if isinstance(value, Mapping) else None)
+        what = f"image {where!r}" if where else "an embedded image"
+        raise ValueError(f"{what} is corrupt, truncated or not an image ({type(error).__name__}: {error})") from None
+
+
+def _load_image(value, base_dir: Path) -> Image.Image:
     if isinstance(value, Image.Image):
         image = value
     elif isinstance(value, (bytes, bytearray)):
@@ -82,7 +97,7 @@ def load_image(value, base_dir: Path) -> Image.Image:
         if value.get("bytes"):
             image = Image.open(io.BytesIO(value["bytes"]))
         elif value.get("path"):
-            return load_image(str(value["path"]), base_dir)
+            return _load_image(str(value["path"]), base_dir)
         else:
             raise ValueError(f"an image dict needs 'bytes' or 'path', got keys {sorted(value)}")
     elif isinstance(value, str):
@@ -109,7 +124,10 @@ def record_images(record: Mapping, base_dir: Path) -> list[Image.Image]:
         values = [record["image"]]
     else:
         raise ValueError(f"record {record.get('id', '')!r} has no 'image' or 'images'")
-    return [load_image(v, base_dir) for v in values]
+    try:
+        return [load_image(v, base_dir) for v in values]
+    except (ValueError, FileNotFoundError) as error:
+        raise type(error)(f"record {record.get('id', '')!r}: {error}") from None
 
 
 def validate_record(metric: str, record: Mapping) -> None:

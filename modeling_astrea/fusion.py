@@ -42,16 +42,24 @@ class ExpertRouter(nn.Module):
 
 
 class ExpertAdapter(nn.Module):
-    """F_i of eq. 10: a two-layer MLP on one expert's tokens."""
+    """F_i of eq. 10: a two-layer MLP on one expert's tokens, as a residual branch.
+
+    ``F_i(x) = x + fc2(act(fc1(x)))`` with ``fc2`` initialised to zero. The paper does not say how
+    the adapters start; a plain randomly initialised MLP would shrink the pre-aligned features
+    ``f'_i`` by orders of magnitude and throw the alignment stages' work away at the first
+    instruction-tuning step. Starting at the identity, the fusion initially hands the LLM the
+    router-weighted mix of the aligned features and the adapters learn a correction.
+    """
 
     def __init__(self, hidden_size: int, adapter_dim: int, act: str = "gelu"):
         super().__init__()
         self.fc1 = nn.Linear(hidden_size, adapter_dim)
         self.act = ACT2FN[act]
         self.fc2 = nn.Linear(adapter_dim, hidden_size)
+        self.fc2.zero_init = True  # read by AstreaPreTrainedModel._init_weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return x + self.fc2(self.act(self.fc1(x)))
 
 
 @dataclass

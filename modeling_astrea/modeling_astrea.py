@@ -25,6 +25,7 @@ Forward, top to bottom, for each image (one run of ``num_visual_tokens`` ``<imag
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -35,11 +36,68 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 
 from ..configuration.configuration_astrea import EXPERT_ROLES, AstreaConfig
 from .bridge import ResidualBridge
+from .checkpoint_files import check_weights_folder
 from .fusion import MoEFusion
 from .projector import ExpertProjector, resample_tokens
 from .towers import ExpertTower, build_tower
 
 PIXEL_KEYS = tuple(f"pixel_values_{role}" for role in EXPERT_ROLES)
+
+
+def _check_inputs(model, input_ids, inputs_embeds, attention_mask, past_key_values, pixel_values) -> None:
+    """Refuse malformed inputs with a ValueError/TypeError naming them, before torch fails deep inside.
+
+    Two reductions (id range, finite pixels) are the only cost; they are skipped while compiling.
+    """
+    if input_ids is not None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise TypeError(f"`input_ids` must be an integer tensor, got {getattr(input_ids, 'dtype', type(input_ids).__name__)}")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"`input_ids` must be (batch, seq_len) with seq_len >= 1, got shape {tuple(input_ids.shape)}")
+        shape = tuple(input_ids.shape)
+    else:
+        if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point() or inputs_embeds.dim() != 3:
+            raise TypeError("`inputs_embeds` must be a float tensor (batch, seq_len, hidden_size)")
+        hidden = model.config.text_config.hidden_size
+        if inputs_embeds.shape[1] == 0 or inputs_embeds.shape[-1] != hidden:
+            raise ValueError(f"`inputs_embeds` must be (batch, seq_len >= 1, {hidden}), got {tuple(inputs_embeds.shape)}")
+        shape = tuple(inputs_embeds.shape[:2])
+    if attention_mask is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        cached = past_key_values is not None and (past_key_values.get_seq_length() if hasattr(past_key_values, "get_seq_length") else 1) > 0
+        ok = attention_mask.shape[0] == shape[0] and (attention_mask.shape[1] >= shape[1] if cached else attention_mask.shape[1] == shape[1])
+        if not ok:
+            raise ValueError(f"`attention_mask` has shape {tuple(attention_mask.shape)} but the input is {shape}; pad both the same way")
+    for role, value in pixel_values.items():
+        name = f"pixel_values_{role}"
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"`{name}` must be a torch tensor, got {type(value).__name__}; AstreaProcessor returns tensors")
+        if not value.is_floating_point():
+            raise TypeError(
+                f"`{name}` has dtype {value.dtype}: pixel values are normalised floats, not raw image bytes; "
+                "preprocess the images with AstreaProcessor / AstreaImageProcessor"
+            )
+        if value.dim() != 4:
+            raise ValueError(f"`{name}` must be (n_images, 3, height, width), got shape {tuple(value.shape)}")
+    if torch.compiler.is_compiling():
+        return
+    if input_ids is not None:
+        vocab = model.get_input_embeddings().num_embeddings
+        if input_ids.numel() and bool(((input_ids < 0) | (input_ids >= vocab)).any()):
+            raise ValueError(
+                f"`input_ids` holds ids outside the vocabulary [0, {vocab}) (min {int(input_ids.min())}, max {int(input_ids.max())}); "
+                "use the model's tokenizer, or resize the embeddings after adding tokens"
+            )
+    for role, value in pixel_values.items():
+        if value.numel() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"`pixel_values_{role}` holds NaN or infinite values; check the images and their preprocessing")
+
+
+def _check_features(name: str, value, tokens: int, width: int) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        raise TypeError(f"`{name}` must be a float tensor, got {getattr(value, 'dtype', type(value).__name__)}")
+    if value.dim() != 3 or value.shape[1:] != (tokens, width):
+        raise ValueError(f"`{name}` must be (n_images, {tokens}, {width}), got shape {tuple(value.shape)}")
+    return value
 
 
 @dataclass
@@ -108,8 +166,12 @@ class AstreaPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         # `init.*` skip tensors already loaded by from_pretrained (they carry `_is_hf_initialized`).
         std = getattr(self.config.text_config, "initializer_range", 0.02)
-        if isinstance(module, nn.Linear):
-            init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, nn.Linear) and getattr(module, "zero_init", False):
+            init.zeros_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=module.in_features**-0.5 if getattr(module, "fan_in_init", False) else std)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
@@ -120,6 +182,12 @@ class AstreaPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
+        # Weights load only from safetensors (never a pickle), and a local folder's files are checked
+        # first, so that a truncated file or a missing shard is named instead of failing deep inside.
+        kwargs.setdefault("use_safetensors", True)
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if isinstance(source, (str, os.PathLike)) and os.path.isdir(os.path.join(source, kwargs.get("subfolder") or "")):
+            check_weights_folder(os.path.join(source, kwargs.get("subfolder") or ""))
         model = super().from_pretrained(*args, **kwargs)
         # Non-persistent tower buffers (relative-position indices, masks) are not in the checkpoint.
         for module in model.modules():
@@ -170,6 +238,11 @@ class AstreaModel(AstreaPreTrainedModel):
         )
         # Projection head of the momentum-contrast loss (eq. 5-7): used by the trainer only.
         self.moco_head = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, config.moco_dim))
+        for layer in (self.moco_head[0], self.moco_head[2]):
+            # The head's output is L2-normalised, whose gradient scales as 1/|z|: with the LLM's
+            # small init (std 0.02) |z| starts near 1e-3 and the first MoCo gradients reach 1e4,
+            # so global clipping would freeze every other parameter. Fan-in init keeps |z| ~ |x|.
+            layer.fan_in_init = True
         self.language_model = AutoModel.from_config(config.text_config)
         self.alignment_role: str | None = None
         self.alignment_group: list[str] = []
@@ -229,10 +302,11 @@ class AstreaModel(AstreaPreTrainedModel):
         out = {}
         for role in self.active_roles:
             if role in expert_features:
-                out[role] = expert_features[role]
+                out[role] = _check_features(f"expert_features['{role}']", expert_features[role], self.config.num_visual_tokens, self.config.text_config.hidden_size)
                 continue
             if role in tower_features:
-                tokens = tower_features[role]
+                width = self.projectors[role].layers[0].in_features
+                tokens = _check_features(f"tower_features['{role}']", tower_features[role], self.config.num_visual_tokens, width)
             elif pixel_values.get(role) is not None:
                 tokens = self.get_tower_tokens(role, pixel_values[role])
             else:
@@ -244,7 +318,7 @@ class AstreaModel(AstreaPreTrainedModel):
             out[role] = projector(tokens.to(projector.layers[0].weight.dtype))
         counts = {role: feature.shape[0] for role, feature in out.items()}
         if len(set(counts.values())) > 1:
-            raise ValueError(f"every expert needs the same number of images, got {counts}")
+            raise ValueError(f"every expert needs the same number of images (pixel_values_<role> / features), got {counts}")
         return out
 
     def get_image_features(
@@ -312,8 +386,6 @@ class AstreaModel(AstreaPreTrainedModel):
     ) -> AstreaModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
         pixel_values = {
             role: value
             for role, value in zip(
@@ -322,6 +394,9 @@ class AstreaModel(AstreaPreTrainedModel):
             )
             if value is not None
         }
+        _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_key_values, pixel_values)
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
         visual = None
         if pixel_values or expert_features or tower_features:
             if input_ids is None:
@@ -428,6 +503,14 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
+            if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.shape != hidden.shape[:2]:
+                raise ValueError(
+                    f"`labels` must be an integer tensor shaped like the input {tuple(hidden.shape[:2])}, got "
+                    f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}"
+                )
+            vocab = self.config.text_config.vocab_size
+            if bool(((labels != -100) & ((labels < 0) | (labels >= vocab))).any()):
+                raise ValueError(f"`labels` must be -100 (ignored) or token ids in [0, {vocab})")
             if input_ids is not None:
                 # <image> placeholders are inputs, never targets.
                 labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)

@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import math
 import os
+import struct
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
@@ -56,6 +58,10 @@ class ExpertImageSpec:
 
 # ---------------------------------------------------------------------------------- inputs
 def _array_to_uint8(array: np.ndarray) -> np.ndarray:
+    if array.dtype.kind not in "buif":
+        raise TypeError(f"unsupported image dtype {array.dtype}; use uint8, uint16 or float in [0, 1]")
+    if array.size == 0:
+        raise ValueError(f"the image is empty (shape {tuple(array.shape)}); pass an image of at least 1x1 pixels")
     if not np.isfinite(array).all():
         raise ValueError("the image holds NaN or infinite values; pass finite pixel values")
     if array.dtype == np.uint8:
@@ -79,6 +85,8 @@ def _array_to_uint8(array: np.ndarray) -> np.ndarray:
 
 
 def _array_to_pil(array: np.ndarray) -> Image.Image:
+    if array.size == 0:
+        raise ValueError(f"the image is empty (shape {tuple(array.shape)}); pass an image of at least 1x1 pixels")
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim == 2:
@@ -105,6 +113,13 @@ def _pil_to_rgb(image: Image.Image) -> Image.Image:
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
         mode = image.mode
+    if mode == "La":  # premultiplied alpha: PIL converts it only to LA
+        image, mode = image.convert("LA"), "LA"
+    if mode == "LAB":  # PIL has no direct LAB -> RGB conversion; go through a colour transform
+        from PIL import ImageCms
+
+        transform = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
+        return ImageCms.applyTransform(image, transform)
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -119,25 +134,69 @@ def _float_mode_to_rgb(image: Image.Image) -> Image.Image:
     return _array_to_pil(array.clip(0.0, 1.0)).convert("RGB")
 
 
+def _check_decoded_size(image: Image.Image, what: str) -> None:
+    """Refuse, before decoding, an image larger than PIL's decompression-bomb limit or with no pixels."""
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ValueError(f"{what} is empty ({width}x{height} pixels); pass an image of at least 1x1 pixels")
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        raise ValueError(
+            f"{what} is {width}x{height} = {width * height:,} pixels, more than PIL.Image.MAX_IMAGE_PIXELS = {limit:,}: "
+            "refused as a possible decompression bomb. If you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS "
+            "(or set it to None); the processor then downscales it to max_image_pixels"
+        )
+
+
+def _open_checked(path: str) -> Image.Image:
+    """Open and fully decode an image file; every failure is a ValueError naming the file."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                _check_decoded_size(opened, f"the image {path}")
+                opened.load()
+                return _pil_to_rgb(opened)
+    except FileNotFoundError:
+        raise ValueError(f"image file not found: {path}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a directory, not an image file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ValueError(
+            f"the image {path} is refused as a possible decompression bomb ({error}); if you trust the file, "
+            "raise PIL.Image.MAX_IMAGE_PIXELS (or set it to None); the processor then downscales it to max_image_pixels"
+        ) from None
+    except ValueError as error:
+        if str(error).startswith(("the image ", "an image ", "a float image", "an integer image")):
+            raise
+        raise ValueError(f"cannot read {path} as an image ({error}); pass a valid image file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, EOFError, struct.error, IndexError, KeyError, TypeError, MemoryError) as error:
+        # PIL's decoders raise many types for damaged data
+        raise ValueError(f"cannot read {path} as an image ({type(error).__name__}: {error}); the file is corrupt, truncated or not an image") from None
+
+
 def to_pil_rgb(image) -> Image.Image:
-    """Convert any supported image input to an RGB PIL image (see the module docstring)."""
+    """Convert any supported image input to an RGB PIL image (see the module docstring).
+
+    Files and lazily opened PIL images larger than ``PIL.Image.MAX_IMAGE_PIXELS`` (PIL's
+    decompression-bomb limit, about 89 megapixels) are refused before they are decoded.
+    """
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
         if path.startswith(("http://", "https://")):
             raise ValueError(f"image URLs are not fetched ({path}); download the file and pass its path or a PIL image")
-        try:
-            with Image.open(path) as opened:
-                opened.load()
-                return _pil_to_rgb(opened)
-        except FileNotFoundError:
-            raise ValueError(f"image file not found: {path}") from None
-        except (UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"cannot read {path} as an image ({error}); pass a valid image file") from None
+        return _open_checked(path)
     if isinstance(image, Image.Image):
+        if isinstance(image, ImageFile.ImageFile) and image.tile:  # opened, not decoded yet: check its declared size
+            _check_decoded_size(image, "the image")
+        elif image.width < 1 or image.height < 1:
+            raise ValueError(f"the image is empty ({image.width}x{image.height} pixels); pass an image of at least 1x1 pixels")
         try:
-            image.load()
-        except OSError as error:
-            raise ValueError(f"the image data is truncated or corrupt ({error})") from None
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image.load()
+        except (OSError, SyntaxError, EOFError, struct.error, IndexError, KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"the image data is truncated or corrupt ({type(error).__name__}: {error})") from None
         return _pil_to_rgb(image)
     if isinstance(image, torch.Tensor):
         array = image.detach().cpu()

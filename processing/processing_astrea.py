@@ -14,6 +14,7 @@ with ``{% generation %}`` markers around every assistant answer so that TRL's
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
@@ -45,6 +46,38 @@ CHAT_TEMPLATE = (
 )
 
 _MARKERS = re.compile(r"<image>|<video>")
+
+#: What the chat template renders; anything else would be dropped silently, so it is refused.
+CHAT_ROLES = ("system", "user", "assistant")
+CONTENT_TYPES = ("text", "image", "video")
+
+
+def check_conversation(conversation, index: int | None = None) -> None:
+    """Raise ValueError/TypeError naming the message and part the chat template cannot render faithfully."""
+    where = "" if index is None else f"conversation {index}: "
+    if not isinstance(conversation, (list, tuple)) or not conversation:
+        raise ValueError(f"{where}a conversation must be a non-empty list of messages, got {conversation!r:.80}")
+    for i, message in enumerate(conversation):
+        if not isinstance(message, Mapping):
+            raise TypeError(f"{where}message {i} must be a dict with `role` and `content`, got {type(message).__name__}")
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise ValueError(f"{where}message {i} has unknown role {role!r}; use one of {CHAT_ROLES}")
+        content = message.get("content")
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, (list, tuple)):
+            raise TypeError(f"{where}message {i} content must be a string or a list of parts, got {type(content).__name__}")
+        for j, part in enumerate(content):
+            if not isinstance(part, Mapping):
+                raise TypeError(f"{where}message {i} content part {j} must be a dict with a `type`, got {type(part).__name__}")
+            kind = part.get("type")
+            if kind not in CONTENT_TYPES:
+                raise ValueError(f"{where}message {i} content part {j} has unknown content type {kind!r}; Astrea reads {CONTENT_TYPES}")
+            if kind == "text" and not isinstance(part.get("text"), str):
+                raise ValueError(f"{where}message {i} content part {j} is a text part without a string `text`")
+            if kind != "text" and role != "user":
+                raise ValueError(f"{where}message {i} ({role}) has an {kind} part; images and videos go in user messages only")
 
 
 class AstreaProcessor(ProcessorMixin):
@@ -132,9 +165,11 @@ class AstreaProcessor(ProcessorMixin):
         """
         if text is None:
             raise ValueError("AstreaProcessor needs `text`; put one <image> marker per image in it")
-        texts = [text] if isinstance(text, str) else list(text)
-        if not all(isinstance(t, str) for t in texts):
-            raise TypeError("`text` must be a string or a list of strings")
+        texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
+        if texts is None or not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"`text` must be a string or a list of strings, got {type(text).__name__}")
+        if not texts:
+            raise ValueError("`text` is an empty list; pass at least one string")
         image_list, video_list = flatten_images(images), flatten_videos(videos)
         expanded, views, offsets = self._expand_text(texts, image_list, video_list)
 
@@ -148,6 +183,10 @@ class AstreaProcessor(ProcessorMixin):
             return_tensors=None,
             **tokenizer_kwargs,
         )
+        lengths = [sum(mask) for mask in encoding["attention_mask"]] if "attention_mask" in encoding else [len(i) for i in encoding["input_ids"]]
+        empty = [index for index, length in enumerate(lengths) if length == 0]
+        if empty:
+            raise ValueError(f"text sample(s) {empty} are empty (no tokens); give every sample some text or an <image> marker")
         limit = max_length or getattr(self.tokenizer, "model_max_length", None)
         if limit is not None and limit < 10**9:
             longest = max(len(ids) for ids in encoding["input_ids"])
@@ -162,6 +201,24 @@ class AstreaProcessor(ProcessorMixin):
         if views:
             data.update(self.image_processor.pixels_for_views(views, return_tensors=None))
         return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=["text_replacement_offsets"])
+
+    def apply_chat_template(self, conversation, *args, **kwargs):
+        """``ProcessorMixin.apply_chat_template`` after checking roles and content types (see :func:`check_conversation`).
+
+        Tokenized output is Python lists unless ``return_tensors`` is given: that is what
+        transformers' own processors return, and what TRL's chat-template checks (e.g. that the
+        end-of-turn token is inside the assistant mask) expect. Pass ``return_tensors="pt"`` for
+        tensors, as with any transformers processor.
+        """
+        if kwargs.get("tokenize") and kwargs.get("return_tensors", "auto") == "auto":
+            kwargs["return_tensors"] = None
+        batched = isinstance(conversation, (list, tuple)) and bool(conversation) and isinstance(conversation[0], (list, tuple))
+        if batched:
+            for index, item in enumerate(conversation):
+                check_conversation(item, index)
+        else:
+            check_conversation(conversation)
+        return super().apply_chat_template(conversation, *args, **kwargs)
 
     def num_image_tokens(self, image) -> int:
         """``<image>`` tokens one image becomes (views x visual tokens)."""

@@ -10,6 +10,8 @@ Byte-level coverage means any text round-trips.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -27,8 +29,13 @@ left right above below small large one two three four five six seven eight nine 
 """
 
 
-def build_byte_level_tokenizer(vocab_size: int = 320, model_max_length: int = 512) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer of at most ``vocab_size`` entries (at least 260), built offline."""
+def build_byte_level_tokenizer(vocab_size: int = 320, model_max_length: int = 512, corpus: Iterable[str] | None = None
+                               ) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer of at most ``vocab_size`` entries (at least 260), built offline.
+
+    The merges are learned from ``corpus`` (texts; e.g. a training split's captions and answers,
+    so that its frequent words become single tokens) or, by default, from a small built-in corpus.
+    """
     base = len(SPECIAL_TOKENS) + 256
     if vocab_size < base:
         raise ValueError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least {base} entries")
@@ -41,7 +48,7 @@ def build_byte_level_tokenizer(vocab_size: int = 320, model_max_length: int = 51
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tokenizer.train_from_iterator(list(corpus) if corpus is not None else [_CORPUS] * 4, trainer=trainer)
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         pad_token="<pad>",

@@ -392,8 +392,16 @@ def test_qa_rows_are_single_turn_with_question_types(scenes):
     row = ds[4]
     qa = scenes[0].qa[4]
     assert row["question_type"] == qa["question_type"] == "grounding"
-    assert row["messages"][0]["content"][1]["text"] == qa["question"]
+    # the user turn is the fixed `astrea eval` prompt of the grounding metric around the object phrase
+    assert row["messages"][0]["content"][1]["text"] == (
+        f"Please provide the bounding box coordinate of the region this sentence describes: the {qa['target']}\n"
+        "Answer with the box as [x1, y1, x2, y2], integers on a 0-1000 grid."
+    )
     assert row["messages"][1]["content"][0]["text"] == qa["answer"]
+    native = D.build_qa_dataset(scenes[:1], prompts="native")
+    assert native[4]["messages"][0]["content"][1]["text"] == qa["question"]
+    mc = ds[5]["messages"][0]["content"][1]["text"]
+    assert mc.count("\nA. ") == 1 and mc.endswith("Answer with the option's letter from the given choices directly.")
     assert len(D.build_qa_dataset(scenes, ["colour", "counting"])) == 2 * len(scenes)
 
 

@@ -28,7 +28,8 @@ def test_shipped_recipes_parse_with_paper_optimiser_defaults(name):
     assert recipe.stages == [["caption"], ["classification"], ["detection"], ["segmentation"]]
     for key in ("weight_decay", "adam_beta1", "adam_beta2", "lr_scheduler_type", "warmup_ratio"):
         assert recipe.optim[key] == PAPER_OPTIM[key]
-    assert recipe.align.trainable == ["projector", "bridge"]
+    # the paper aligns against a pretrained frozen LLM; the tiny recipe's LLM starts random, so it learns too
+    assert recipe.align.trainable == (["projector", "bridge", "llm"] if name == "tiny" else ["projector", "bridge"])
     assert set(recipe.instruct.trainable) >= {"router", "adapters", "moco_head"}
 
 

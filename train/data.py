@@ -1155,19 +1155,48 @@ def _instruct_features():
     return _features({"question_type": Value("string")})
 
 
-def qa_to_row(qa: Mapping[str, Any], image: Any) -> dict[str, Any]:
-    """One synthetic QA record (``question``/``answer``/``question_type``/``image_id``) as a TRL row."""
-    return single_turn_row(image, qa["question"], qa["answer"], qa["image_id"], question_type=qa["question_type"])
+def qa_to_row(qa: Mapping[str, Any], image: Any, prompts: str = "eval") -> dict[str, Any]:
+    """One synthetic QA record (``question``/``answer``/``question_type``/``image_id``) as a TRL row.
+
+    ``prompts="eval"`` (default) words the user turn with the fixed prompt ``astrea eval`` uses
+    for the record's metric (:func:`astrea_vlm.train.synthetic.eval_record`), so training and
+    evaluation prompts are identical; ``prompts="native"`` keeps the record's own question text.
+    """
+    if prompts == "eval":
+        from ..eval.prompts import build_prompt
+        from .synthetic import eval_record
+
+        record = eval_record(dict(qa))
+        prompt = build_prompt(record["metric"], record)
+    elif prompts == "native":
+        prompt = qa["question"]
+    else:
+        raise ValueError(f"prompts={prompts!r}: use 'eval' or 'native'")
+    return single_turn_row(image, prompt, qa["answer"], qa["image_id"], question_type=qa["question_type"])
 
 
-def build_qa_dataset(scenes: Sequence[Any], question_types: Sequence[str] | None = None):
-    """One single-turn row per synthetic QA record (all of every scene's records, in scene order)."""
+def build_qa_dataset(scenes: Sequence[Any], question_types: Sequence[str] | None = None, prompts: str = "eval",
+                     type_fractions: Mapping[str, float] | None = None):
+    """One single-turn row per synthetic QA record (every scene's records, in scene order).
 
+    ``type_fractions`` keeps a type's record for only that fraction of the scenes (every
+    ``round(1 / f)``-th scene), e.g. ``{"caption": 0.25}``. The loss is a mean over answer
+    tokens, so a 25-token caption outweighs a 1-token "yes" 25 to 1; thinning the long-answer
+    types gives the short-answer ones a fair share of the gradient.
+    """
+    fractions = dict(type_fractions or {})
+    for qtype, fraction in fractions.items():
+        if not 0 < float(fraction) <= 1:
+            raise ValueError(f"type_fractions[{qtype!r}]={fraction}: a fraction must lie in (0, 1]")
+    every = {qtype: max(1, round(1 / float(f))) for qtype, f in fractions.items()}
     rows = []
-    for scene in scenes:
+    for index, scene in enumerate(scenes):
         for qa in scene.qa:
-            if question_types is None or qa["question_type"] in question_types:
-                rows.append(qa_to_row(qa, scene.image))
+            qtype = qa["question_type"]
+            if question_types is not None and qtype not in question_types:
+                continue
+            if index % every.get(qtype, 1) == 0:
+                rows.append(qa_to_row(qa, scene.image, prompts))
     return _dataset(rows, _instruct_features())
 
 
@@ -1288,7 +1317,7 @@ _DATA_KEYS = {
     "source", "train_size", "validation_size", "test_size", "image_size", "seed", "min_objects", "max_objects",
     "max_vertices", "tolerance", "max_objects_in_target", "max_target_chars", "max_length", "caption_mode", "skip_invalid",
     "verify_images",
-    "coco_captions", "coco_instances", "tags", "images", "instruct", "instruct_images", "question_types", "splits",
+    "coco_captions", "coco_instances", "tags", "images", "instruct", "instruct_images", "question_types", "type_fractions", "splits",
 }
 _SPLIT_SIZES = {"train": 256, "validation": 64, "test": 64}
 
@@ -1362,7 +1391,7 @@ def instruct_dataset(data: Mapping[str, Any] | None = None, split: str = "train"
         n = int(cfg.get(f"{split}_size", _SPLIT_SIZES.get(split, 64)))
         scenes = synthetic_scenes(split, n, int(cfg.get("seed", 0)), cfg.get("image_size", 64),
                                   int(cfg.get("min_objects", 2)), int(cfg.get("max_objects", 5)))
-        parts.append(build_qa_dataset(scenes, cfg.get("question_types")))
+        parts.append(build_qa_dataset(scenes, cfg.get("question_types"), type_fractions=cfg.get("type_fractions")))
     if cfg.get("instruct"):
         dataset, _ = load_llava(cfg["instruct"], cfg.get("instruct_images"), skip_invalid=bool(cfg.get("skip_invalid", False)),
                                 verify_images=cfg.get("verify_images", True), log=log)

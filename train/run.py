@@ -50,7 +50,6 @@ def _sft_config(recipe: Recipe, phase, output_dir: Path, **overrides):
 
 def load_model_and_processor(recipe: Recipe, init_from: str | Path | None = None):
     """The recipe's model: ``init_from`` (a saved folder), ``model.path``, or a random ``model.preset``."""
-    from ..configuration import get_preset
     from ..modeling import AstreaForConditionalGeneration
     from ..processing import AstreaProcessor, build_processor
 
@@ -63,8 +62,29 @@ def load_model_and_processor(recipe: Recipe, init_from: str | Path | None = None
     if preset != "tiny":
         raise ValueError(f"model.preset={preset!r} has no random weights to start from; give model.path (an `astrea create` folder)")
     torch.manual_seed(int(recipe.model.get("seed", recipe.seed)))
-    config = get_preset(preset, **recipe.model.get("overrides", {}))
+    config = preset_config(preset, recipe.model.get("overrides"))
     return AstreaForConditionalGeneration(config), build_processor(config)
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    merged = dict(base)
+    for key, value in overrides.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+def preset_config(preset: str, overrides: dict | None = None):
+    """The preset's config with a recipe's ``model.overrides`` merged in, nested dicts key by key.
+
+    So ``{text_config: {hidden_size: 128}}`` changes one field of the preset's LLM config (a
+    whole sub-config is never replaced by a partial one).
+    """
+    from ..configuration import AstreaConfig
+    from ..configuration.presets import PRESETS
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return AstreaConfig(**_merge(PRESETS[preset](), dict(overrides or {})))
 
 
 def _save_weights(model, folder: Path) -> None:
@@ -85,9 +105,55 @@ def _last_checkpoint(folder: Path) -> str | None:
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
+def cache_plan(model) -> dict[str, list[str]]:
+    """Which active experts can read the feature cache, and what: ``{"tower": [...], "projected": [...]}``.
+
+    A frozen tower's tokens never change, so they come from the cache (``tower``); when the
+    expert's projector is frozen too (an earlier, finished alignment stage; instruction tuning
+    with the projectors frozen) its output ``C_i`` comes from the cache instead (``projected``).
+    An expert whose tower trains keeps reading pixels.
+    """
+    from .feature_cache import find_backbone
+
+    backbone = find_backbone(model)
+    plan: dict[str, list[str]] = {"tower": [], "projected": []}
+    for role in backbone.active_roles:
+        if any(p.requires_grad for p in backbone.towers[role].parameters()):
+            continue
+        frozen_projector = not any(p.requires_grad for p in backbone.projectors[role].parameters())
+        plan["projected" if frozen_projector else "tower"].append(role)
+    return plan
+
+
+def _dataset_images(dataset) -> list:
+    return [image for row in dataset.select_columns(["images"]) for image in (row["images"] or [])]
+
+
+def _with_feature_cache(trainer, model, processor, dataset, cache_dir: Path, log=print):
+    """Fill the cache for this stage's frozen parts and swap the trainer's collator for a cached one."""
+    from .feature_cache import CachedFeatureCollator, FeatureCache
+
+    plan = cache_plan(model)
+    if not plan["tower"] and not plan["projected"]:
+        return
+    cache = FeatureCache(cache_dir)
+    images = _dataset_images(dataset)
+    for kind, roles in plan.items():
+        if roles:
+            stats = cache.build(model, processor, images, roles=roles, kind=kind, progress=True)
+            log(f"feature cache ({kind}: {', '.join(roles)}): {sum(stats['computed'].values())} computed, "
+                f"{sum(stats['skipped'].values())} reused, {stats['seconds']:.1f} s")
+    trainer.data_collator = CachedFeatureCollator(trainer.data_collator, cache, model, processor,
+                                                  tower_roles=plan["tower"], projected_roles=plan["projected"])
+
+
 def run_stage(model, processor, recipe: Recipe, phase, groups: list[str], roles: list[str], dataset, stage_dir: Path,
-              resume: bool, use_moco: bool, data_collator=None, log=print):
-    """Train one stage; skipped when already done, resumed from its last checkpoint when asked."""
+              resume: bool, use_moco: bool, data_collator=None, log=print, cache_dir: Path | None = None):
+    """Train one stage; skipped when already done, resumed from its last checkpoint when asked.
+
+    With ``cache_dir`` the frozen towers' tokens and the finished stages' projected features are
+    computed once into a :class:`FeatureCache` there and read from it while training (paper §3.1.2).
+    """
     from .trainer import AstreaSFTTrainer
 
     if (stage_dir / DONE).is_file():
@@ -105,6 +171,8 @@ def run_stage(model, processor, recipe: Recipe, phase, groups: list[str], roles:
         data_collator=data_collator,
         use_moco=use_moco,
     )
+    if cache_dir is not None and data_collator is None:
+        _with_feature_cache(trainer, model, processor, dataset, cache_dir, log=log)
     checkpoint = _last_checkpoint(stage_dir) if resume else None
     if checkpoint:
         log(f"[{stage_dir.name}] resuming from {checkpoint}")
@@ -126,14 +194,15 @@ def run_align(recipe: Recipe, output_dir: str | Path | None = None, resume: bool
     output = Path(output_dir or recipe.output_dir)
     model, processor = load_model_and_processor(recipe)
     model.train()
+    cache_dir = output / "feature_cache" if recipe.use_cache else None
     summaries = []
     for index, roles in enumerate(recipe.stages):
         stage_dir = output / f"align-{index + 1}-{'+'.join(roles)}"
         model.model.set_alignment_stage(roles)
-        dataset = stage_dataset(recipe.data, index, recipe.order, split="train")
+        dataset = stage_dataset(recipe.data, index, recipe.order, split="train", processor=processor, log=log)
         summaries.append(
             run_stage(model, processor, recipe, recipe.align, recipe.align.trainable, roles, dataset, stage_dir, resume,
-                      use_moco=False, log=log)
+                      use_moco=False, log=log, cache_dir=cache_dir)
         )
     model.model.set_alignment_stage(None)
     model.requires_grad_(True)
@@ -177,7 +246,8 @@ def run_instruct(recipe: Recipe, output_dir: str | Path | None = None, resume: b
                 module.requires_grad_(True)
     train_target = model
     summary = run_stage(train_target, processor, recipe, phase, phase.trainable, list(model.config.expert_order), dataset,
-                        stage_dir, resume, use_moco=phase.use_moco, log=log)
+                        stage_dir, resume, use_moco=phase.use_moco, log=log,
+                        cache_dir=output / "feature_cache" if recipe.use_cache else None)
     final = output / "final"
     to_save = train_target.merge_and_unload() if phase.lora else train_target
     save_hub_folder(to_save.eval(), final, processor=processor)

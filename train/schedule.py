@@ -41,7 +41,9 @@ PAPER_OPTIM = {
     "warmup_ratio": 0.15,
 }
 
-ALIGN_GROUPS = ("projector", "bridge")
+# `llm` is allowed while aligning only for toy recipes whose LLM starts random (the tiny recipe):
+# the paper aligns against a pretrained, frozen LLM, and a random frozen LLM cannot be steered.
+ALIGN_GROUPS = ("projector", "bridge", "llm")
 INSTRUCT_GROUPS = ("router", "adapters", "moco_head", "llm", "projector", "bridge")
 
 

@@ -584,8 +584,44 @@ def majority_baseline(scenes: list[Scene]) -> dict[str, float]:
     return {t: (max(c.values()) / sum(c.values()) if c else 0.0) for t, c in answer_distribution(scenes).items()}
 
 
+# How `astrea eval` (task ``qa``) scores each question type.
+EVAL_METRICS = {
+    "counting": "exact_match",
+    "colour": "exact_match",
+    "existence": "exact_match",
+    "relative_position": "exact_match",
+    "grounding": "grounding",
+    "multiple_choice": "multiple_choice",
+    "caption": "caption",
+}
+
+
+def eval_record(qa: dict[str, Any], image: Any = None) -> dict[str, Any]:
+    """One QA record in the format of ``astrea eval --task qa`` (see :mod:`astrea_vlm.eval.data`).
+
+    ``question`` is what the fixed evaluation prompt of the record's ``metric`` wraps
+    (:func:`astrea_vlm.eval.prompts.build_prompt`): the question with its answer-format hint for
+    the short-answer types, the stem for multiple choice (the prompt lists the options), the
+    object phrase for grounding. Training rows use the same prompts, so a model is evaluated on
+    exactly the prompts it was tuned with. ``image`` (a path or a PIL image) is stored as given.
+    """
+    qtype = qa["question_type"]
+    metric = EVAL_METRICS[qtype]
+    record: dict[str, Any] = {"id": f"{qa['image_id']}-{qtype}", "image_id": qa["image_id"], "question_type": qtype,
+                              "metric": metric, "image": image}
+    if metric == "multiple_choice":
+        record.update(question=qa["question"].split("\n")[0], options=list(qa["options"]), answer=qa["answer"])
+    elif metric == "grounding":
+        record.update(question=f"the {qa['target']}", box=list(qa["box"]), answer=qa["answer"])
+    elif metric == "caption":
+        record.update(question=qa["question"], captions=[qa["answer"]], answer=qa["answer"])
+    else:
+        record.update(question=qa["question"], answer=qa["answer"])
+    return record
+
+
 __all__ = [
     "BACKGROUNDS", "COLOURS", "LETTERS", "QUESTION_TYPES", "RELATIONS", "SHAPES", "SIZES", "Scene", "SceneObject",
-    "answer_distribution", "majority_baseline", "make_scene", "make_split", "nearest_colour", "qa_records", "question_types",
+    "EVAL_METRICS", "answer_distribution", "eval_record", "majority_baseline", "make_scene", "make_split", "nearest_colour", "qa_records", "question_types",
     "relation", "shape_mask", "split_rng",
 ]

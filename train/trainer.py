@@ -11,24 +11,40 @@ at ``SFTTrainer``'s documented hooks:
   the MoE fusion, so no second forward pass is needed. Logged per step: ``loss_reg``,
   ``loss_moco``, ``router/prob_<role>``, ``router/load_<role>``, ``router/entropy``.
 * a callback updates the momentum encoder by EMA after every optimizer step (eq. 8);
-* checkpoints hold the momentum encoder and the queue (``moco_state.safetensors``, written
-  atomically), and ``train(resume_from_checkpoint=...)`` restores them.
+* checkpoints hold the momentum encoder and the queue (``moco_state.safetensors``), and
+  ``train(resume_from_checkpoint=...)`` restores them.
+
+Crash safety
+    A checkpoint is written into a hidden staging folder ``.partial-checkpoint-N/checkpoint-N``
+    (weights, optimizer, scheduler, RNG, trainer state and MoCo state) and moved into place as
+    ``checkpoint-N`` with one ``os.replace`` once it is complete. A job killed while saving (even
+    with SIGKILL) therefore leaves either the complete checkpoint or none: ``get_last_checkpoint``
+    never sees the staging folder (its name does not match ``checkpoint-<step>``), and the next save
+    of that step removes it. Before resuming, the checkpoint's files are checked
+    (:mod:`astrea_vlm.modeling.checkpoint_files`) so that a truncated or damaged file is named.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from trl import SFTTrainer
 
+from ..modeling.checkpoint_files import CorruptCheckpointError, check_safetensors_file, check_torch_zip_file, check_weights_folder
 from .moco import MomentumContrast
 
 MOCO_STATE = "moco_state.safetensors"
+
+#: Prefix of the staging folder a checkpoint is written into before it is moved into place.
+STAGING_PREFIX = ".partial-"
 
 
 def find_backbone(model: torch.nn.Module) -> torch.nn.Module:
@@ -48,10 +64,70 @@ class _MomentumUpdate(TrainerCallback):
             self.trainer.moco.update(self.trainer.backbone)
 
 
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _save_atomic(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """Write a safetensors file as ``<path>.tmp``, flush it to disk, then rename it over ``path``."""
     tmp = f"{path}.tmp"
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def publish_checkpoint(staged: str, final: str) -> None:
+    """Move a complete checkpoint folder ``staged`` to ``final`` with one atomic rename.
+
+    An existing ``final`` (the same step saved again) is first moved aside into the staging
+    folder, so at no moment is a half-written folder visible under the final name.
+    """
+    staging_root = os.path.dirname(staged)
+    if os.path.exists(final):
+        os.replace(final, os.path.join(staging_root, "replaced"))
+    os.replace(staged, final)
+    _fsync_dir(os.path.dirname(final) or ".")
+    shutil.rmtree(staging_root, ignore_errors=True)
+
+
+def check_checkpoint(folder: str, moco: bool = False) -> None:
+    """Check a Trainer checkpoint's files before resuming; raise naming the first bad or missing one."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+    if not check_weights_folder(folder) and not os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):
+        raise FileNotFoundError(
+            f"{folder} holds no model.safetensors (or shard index, or adapter_model.safetensors): "
+            "it is not a complete checkpoint; resume from another one"
+        )
+    if os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):
+        check_safetensors_file(os.path.join(folder, "adapter_model.safetensors"))
+    for name in ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth"):
+        if os.path.isfile(os.path.join(folder, name)):
+            check_torch_zip_file(os.path.join(folder, name))
+    state = os.path.join(folder, TRAINER_STATE_NAME)
+    if not os.path.isfile(state):
+        raise FileNotFoundError(f"{state} is missing: the checkpoint is incomplete; resume from another one")
+    try:
+        with open(state, encoding="utf-8") as handle:
+            json.load(handle)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CorruptCheckpointError(f"{state}: not valid JSON ({error}); the file is truncated or corrupt") from None
+    if moco:
+        path = os.path.join(folder, MOCO_STATE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing: the checkpoint has no momentum encoder / queue to resume")
+        check_safetensors_file(path)
 
 
 class AstreaSFTTrainer(SFTTrainer):
@@ -140,20 +216,49 @@ class AstreaSFTTrainer(SFTTrainer):
         self._metrics[mode]["router/entropy"].append(float(entropy))
 
     # ------------------------------------------------------------------- checkpoints
+    def _get_output_dir(self, trial) -> str:
+        # While a checkpoint is being written, the Trainer's run folder is the staging folder.
+        staging = getattr(self, "_staging_run_dir", None)
+        return staging if staging is not None else super()._get_output_dir(trial)
+
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.moco is not None and self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-            _save_atomic(self.moco.state_dict(), os.path.join(folder, MOCO_STATE))
+        """Write the checkpoint (plus MoCo state) into a staging folder, then rename it into place."""
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        final = os.path.join(run_dir, name)
+        staging_root = os.path.join(run_dir, f"{STAGING_PREFIX}{name}")
+        staged = os.path.join(staging_root, name)
+        if self.args.should_save and os.path.exists(staging_root):
+            shutil.rmtree(staging_root)  # left by a save that was killed
+        self.accelerator.wait_for_everyone()
+        self._staging_run_dir = staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_run_dir = None
+        if self.args.should_save:
+            if self.moco is not None:
+                _save_atomic(self.moco.state_dict(), os.path.join(staged, MOCO_STATE))
+            best = self.state.best_model_checkpoint
+            if best is not None and os.path.abspath(best).startswith(os.path.abspath(staging_root) + os.sep):
+                self.state.best_model_checkpoint = final
+            self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))  # with the final paths
+            publish_checkpoint(staged, final)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"--resume: no checkpoint found in {self.args.output_dir}")
+        if resume_from_checkpoint:
+            check_checkpoint(str(resume_from_checkpoint), moco=self.moco is not None)
         if resume_from_checkpoint and self.moco is not None:
-            path = os.path.join(resume_from_checkpoint, MOCO_STATE)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path} is missing: the checkpoint has no momentum encoder / queue to resume")
-            self.moco.load_state_dict(load_file(path))
+            self.moco.load_state_dict(load_file(os.path.join(resume_from_checkpoint, MOCO_STATE)))
         return super().train(resume_from_checkpoint, *args, **kwargs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -136,7 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     cache_build.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     cache_build.set_defaults(func=_cache_build)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        # Bad input (a recipe, a folder, a dataset): the message names the problem and the fix;
+        # a traceback through torch would only hide it. Set ASTREA_TRACEBACK=1 to see it anyway.
+        if os.environ.get("ASTREA_TRACEBACK"):
+            raise
+        print(f"astrea {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -155,7 +155,7 @@ def demo_tokenizer(config, train_scenes):
                                       corpus=texts)
 
 
-def roundtrip(final: Path, seed: int, log=print) -> dict:
+def roundtrip(final: Path, seed: int, image_position: str = "before", log=print) -> dict:
     """Reload ``final`` through the transformers pipeline (remote code) and ask about a fresh scene."""
     from transformers import pipeline
 
@@ -166,8 +166,8 @@ def roundtrip(final: Path, seed: int, log=print) -> dict:
     qa = next(q for q in scene.qa if q["question_type"] == "counting")
     record = eval_record(qa)
     chat = pipeline("image-text-to-text", model=str(final), trust_remote_code=True)
-    messages = [{"role": "user", "content": [{"type": "image", "image": scene.image},
-                                             {"type": "text", "text": build_prompt(record["metric"], record)}]}]
+    parts = [{"type": "image", "image": scene.image}, {"type": "text", "text": build_prompt(record["metric"], record)}]
+    messages = [{"role": "user", "content": parts if image_position == "before" else parts[::-1]}]
     out = chat(text=messages, max_new_tokens=8, do_sample=False)
     answer = out[0]["generated_text"][-1]["content"]
     answer = answer if isinstance(answer, str) else " ".join(part.get("text", "") for part in answer)
@@ -230,7 +230,9 @@ def run_demo(settings: DemoSettings | None = None, log=print) -> dict:
 
     _log_section(log, "5/6 evaluation on the test split")
     tick = time.perf_counter()
-    eval_kwargs = dict(task="qa", data=test_records, batch_size=settings.eval_batch_size, max_new_tokens=settings.max_new_tokens)
+    image_position = data.get("image_position", "before")
+    eval_kwargs = dict(task="qa", data=test_records, batch_size=settings.eval_batch_size, max_new_tokens=settings.max_new_tokens,
+                       image_position=image_position)
     trained = run_eval(final, output=output / "eval" / "astrea", **eval_kwargs)
     validation = run_eval(final, output=output / "eval" / "astrea-validation", **{**eval_kwargs, "data": validation_records})
     baselines = {"majority": score_constant(test_records, majority_answers(train_scenes))}
@@ -244,7 +246,7 @@ def run_demo(settings: DemoSettings | None = None, log=print) -> dict:
     stages = sorted(p for p in (output / "train").glob("align-*") if p.is_dir()) + [output / "train" / "instruct"]
     plot_training_curves(stages, output / "loss.png", keys=["loss", "loss_reg", "loss_moco"], title="training loss per stage")
     write_router_report([trained], output)
-    trip = roundtrip(final, settings.seed, log=log) if settings.roundtrip else None
+    trip = roundtrip(final, settings.seed, image_position=image_position, log=log) if settings.roundtrip else None
     timings["report"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - start
     summary = {"table": table, "validation": primary_scores(validation), "timings_s": {k: round(v, 1) for k, v in timings.items()}, "final": str(final),

@@ -184,14 +184,19 @@ def generate_conversations(
     return decoded, per_sample
 
 
-def user_turn(prompt: str, n_images: int) -> list[dict]:
-    """One user message: ``n_images`` images, then the prompt text."""
-    return [{"role": "user", "content": [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]}]
+def user_turn(prompt: str, n_images: int, image_position: str = "before") -> list[dict]:
+    """One user message: ``n_images`` images, then the prompt text (``image_position="after"``: the reverse)."""
+    images = [{"type": "image"} for _ in range(n_images)]
+    text = [{"type": "text", "text": prompt}]
+    if image_position not in ("before", "after"):
+        raise ValueError(f"image_position={image_position!r}: use 'before' or 'after' (the prompt)")
+    return [{"role": "user", "content": images + text if image_position == "before" else text + images}]
 
 
-def generate_batch(model, processor, prompts: list[str], images: list[list], max_new_tokens: int) -> tuple[list[str], list]:
+def generate_batch(model, processor, prompts: list[str], images: list[list], max_new_tokens: int,
+                   image_position: str = "before") -> tuple[list[str], list]:
     """Greedy answers to single-turn prompts (:func:`user_turn`, then :func:`generate_conversations`)."""
-    conversations = [user_turn(p, len(i)) for p, i in zip(prompts, images)]
+    conversations = [user_turn(p, len(i), image_position) for p, i in zip(prompts, images)]
     return generate_conversations(model, processor, conversations, images, max_new_tokens)
 
 
@@ -209,11 +214,14 @@ def run_eval(
     progress: bool = True,
     model=None,
     processor=None,
+    image_position: str = "before",
 ) -> dict:
     """Evaluate ``model_dir`` on ``data`` for ``task`` and write ``results.json`` / ``results.md`` to
     ``output`` (default ``<model_dir>/eval/<task>``). Returns the results dict.
 
     ``model``/``processor`` may be passed already loaded (then ``model_dir`` is only recorded).
+    ``image_position``: the images go ``"before"`` (default, as in LLaVA) or ``"after"`` the prompt
+    in the user turn -- whichever the model was trained with; it is recorded in the results.
     """
     from tqdm.auto import tqdm
 
@@ -238,7 +246,7 @@ def run_eval(
         batch = records[begin : begin + batch_size]
         images = [record_images(r, base_dir) for r in batch]
         prompts = [build_prompt(m, r) for m, r in zip(metrics_of[begin : begin + batch_size], batch)]
-        predictions, router = generate_batch(model, processor, prompts, images, max_new_tokens)
+        predictions, router = generate_batch(model, processor, prompts, images, max_new_tokens, image_position)
         for offset, (record, prompt, prediction, probs, sample_images) in enumerate(zip(batch, prompts, predictions, router, images)):
             index = begin + offset
             metric = metrics_of[index]
@@ -273,6 +281,7 @@ def run_eval(
             "do_sample": False,
             "num_beams": 1,
             "padding_side": "left",
+            "image_position": image_position,
             "grounding_iou_threshold": GROUNDING_IOU_THRESHOLD,
         },
         "prompts": {"version": PROMPT_VERSION, "templates": dict(PROMPTS), "option_format": OPTION_FORMAT, "chat_template": processor.chat_template},

@@ -56,3 +56,15 @@ def test_demo_command_line_reaches_run_demo_with_its_settings(monkeypatch):
     assert seen[0].output == "somewhere" and seen[0].seed == 2 and seen[0].recipe == "demo"
     assert seen[0].warmup_steps == demo.DemoSettings().warmup_steps
     assert main(["demo", "--warmup-steps", "0"]) == 0 and seen[1].warmup_steps == 0
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    from astrea_vlm.cli import main
+
+    assert main(["align", "--recipe", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("astrea align: error: no recipe file") and "Traceback" not in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("order: [caption, caption]\n")
+    assert main(["instruct", "--recipe", str(bad)]) == 2
+    assert "must list each expert role once" in capsys.readouterr().err

@@ -494,3 +494,16 @@ def test_targets_are_shortened_to_fit_the_models_context(processor):
         D.build_stage_dataset(scenes, 3, "default", processor=processor, max_length=200, log=None)
     kept = D.build_stage_dataset(scenes, 3, "default", processor=processor, max_length=200, skip_invalid=True, log=None)
     assert len(kept) < len(scenes)
+
+
+def test_image_position_orders_the_user_turn_the_same_in_training_rows_and_evaluation(scenes):
+    from astrea_vlm.eval.runner import user_turn
+
+    before = D.build_qa_dataset(scenes[:1])[0]["messages"][0]["content"]
+    after = D.build_qa_dataset(scenes[:1], image_position="after")[0]["messages"][0]["content"]
+    assert [p["type"] for p in before] == ["image", "text"] and [p["type"] for p in after] == ["text", "image"]
+    assert after[0]["text"] == before[1]["text"]
+    assert [p["type"] for p in user_turn("q", 1, "after")[0]["content"]] == ["text", "image"]
+    assert [p["type"] for p in user_turn("q", 2)[0]["content"]] == ["image", "image", "text"]
+    with pytest.raises(ValueError, match="image_position"):
+        D.build_qa_dataset(scenes[:1], image_position="middle")

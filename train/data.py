@@ -990,11 +990,17 @@ def _dataset(rows: list[dict[str, Any]], features):
     return datasets.Dataset.from_list(rows, features=features)
 
 
-def single_turn_row(image: Any, prompt: str, answer: str, image_id: str, **extra: Any) -> dict[str, Any]:
-    """One TRL conversational VLM row: the image placeholder, then the prompt; the answer."""
+def single_turn_row(image: Any, prompt: str, answer: str, image_id: str, image_position: str = "before", **extra: Any) -> dict[str, Any]:
+    """One TRL conversational VLM row: the image placeholder, then the prompt (or the reverse, with
+    ``image_position="after"``); the answer."""
+    parts = [{"type": "image"}, {"type": "text", "text": prompt}]
+    if image_position == "after":
+        parts.reverse()
+    elif image_position != "before":
+        raise ValueError(f"image_position={image_position!r}: use 'before' or 'after' (the prompt)")
     return {
         "messages": [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
+            {"role": "user", "content": parts},
             {"role": "assistant", "content": [{"type": "text", "text": answer}]},
         ],
         "images": [image],
@@ -1155,7 +1161,7 @@ def _instruct_features():
     return _features({"question_type": Value("string")})
 
 
-def qa_to_row(qa: Mapping[str, Any], image: Any, prompts: str = "eval") -> dict[str, Any]:
+def qa_to_row(qa: Mapping[str, Any], image: Any, prompts: str = "eval", image_position: str = "before") -> dict[str, Any]:
     """One synthetic QA record (``question``/``answer``/``question_type``/``image_id``) as a TRL row.
 
     ``prompts="eval"`` (default) words the user turn with the fixed prompt ``astrea eval`` uses
@@ -1172,11 +1178,12 @@ def qa_to_row(qa: Mapping[str, Any], image: Any, prompts: str = "eval") -> dict[
         prompt = qa["question"]
     else:
         raise ValueError(f"prompts={prompts!r}: use 'eval' or 'native'")
-    return single_turn_row(image, prompt, qa["answer"], qa["image_id"], question_type=qa["question_type"])
+    return single_turn_row(image, prompt, qa["answer"], qa["image_id"], image_position=image_position,
+                           question_type=qa["question_type"])
 
 
 def build_qa_dataset(scenes: Sequence[Any], question_types: Sequence[str] | None = None, prompts: str = "eval",
-                     type_fractions: Mapping[str, float] | None = None):
+                     type_fractions: Mapping[str, float] | None = None, image_position: str = "before"):
     """One single-turn row per synthetic QA record (every scene's records, in scene order).
 
     ``type_fractions`` keeps a type's record for only that fraction of the scenes (every
@@ -1196,7 +1203,7 @@ def build_qa_dataset(scenes: Sequence[Any], question_types: Sequence[str] | None
             if question_types is not None and qtype not in question_types:
                 continue
             if index % every.get(qtype, 1) == 0:
-                rows.append(qa_to_row(qa, scene.image, prompts))
+                rows.append(qa_to_row(qa, scene.image, prompts, image_position))
     return _dataset(rows, _instruct_features())
 
 
@@ -1317,7 +1324,7 @@ _DATA_KEYS = {
     "source", "train_size", "validation_size", "test_size", "image_size", "seed", "min_objects", "max_objects",
     "max_vertices", "tolerance", "max_objects_in_target", "max_target_chars", "max_length", "caption_mode", "skip_invalid",
     "verify_images",
-    "coco_captions", "coco_instances", "tags", "images", "instruct", "instruct_images", "question_types", "type_fractions", "splits",
+    "coco_captions", "coco_instances", "tags", "images", "instruct", "instruct_images", "question_types", "type_fractions", "image_position", "splits",
 }
 _SPLIT_SIZES = {"train": 256, "validation": 64, "test": 64}
 
@@ -1391,7 +1398,8 @@ def instruct_dataset(data: Mapping[str, Any] | None = None, split: str = "train"
         n = int(cfg.get(f"{split}_size", _SPLIT_SIZES.get(split, 64)))
         scenes = synthetic_scenes(split, n, int(cfg.get("seed", 0)), cfg.get("image_size", 64),
                                   int(cfg.get("min_objects", 2)), int(cfg.get("max_objects", 5)))
-        parts.append(build_qa_dataset(scenes, cfg.get("question_types"), type_fractions=cfg.get("type_fractions")))
+        parts.append(build_qa_dataset(scenes, cfg.get("question_types"), type_fractions=cfg.get("type_fractions"),
+                                      image_position=cfg.get("image_position", "before")))
     if cfg.get("instruct"):
         dataset, _ = load_llava(cfg["instruct"], cfg.get("instruct_images"), skip_invalid=bool(cfg.get("skip_invalid", False)),
                                 verify_images=cfg.get("verify_images", True), log=log)

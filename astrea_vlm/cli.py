@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
         # Bad input (a recipe, a folder, a dataset): the message names the problem and the fix;
         # a traceback through torch would only hide it. Set ASTREA_TRACEBACK=1 to see it anyway.
         if os.environ.get("ASTREA_TRACEBACK"):

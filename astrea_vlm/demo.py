@@ -176,6 +176,15 @@ def roundtrip(final: Path, seed: int, image_position: str = "before", log=print)
     return {"question": qa["question"], "answer": answer.strip(), "truth": qa["answer"], "caption": scene.caption}
 
 
+def _check_demo_packages() -> None:
+    import importlib.util
+
+    missing = [name for name in ("trl", "peft", "datasets", "yaml", "matplotlib", "evaluate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"astrea demo needs {', '.join(missing)}: install them with `pip install -e \".[demo]\"` "
+                          "(or `pip install \"astrea-vlm[demo]\"`)")
+
+
 def run_demo(settings: DemoSettings | None = None, log=print) -> dict:
     """Run the demo pipeline (see the module docstring); returns the summary written to ``summary.json``."""
     from .eval.report import plot_training_curves, write_router_report
@@ -186,6 +195,7 @@ def run_demo(settings: DemoSettings | None = None, log=print) -> dict:
     from .train.synthetic import make_split
 
     settings = settings or DemoSettings()
+    _check_demo_packages()
     start = time.perf_counter()
     output = Path(settings.output)
     output.mkdir(parents=True, exist_ok=True)

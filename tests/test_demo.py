@@ -167,3 +167,15 @@ def test_full_demo_beats_the_majority_baseline_on_every_question_type(tmp_path):
     for qtype, majority in table["majority"].items():
         assert table["astrea"][qtype] > majority, (qtype, table["astrea"][qtype], majority)
     assert summary["timings_s"]["total"] < 600
+
+
+def test_demo_names_the_extra_when_training_packages_are_missing(monkeypatch, capsys):
+    import importlib.util
+
+    from astrea_vlm.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a))
+    with pytest.raises(ImportError, match=r'needs trl: install them with `pip install -e "\.\[demo\]"`'):
+        run_demo(DemoSettings())
+    assert main(["demo"]) == 2 and "needs trl" in capsys.readouterr().err

@@ -42,7 +42,7 @@ def test_readme_commands_are_the_ci_commands():
     ci = (README.parent / ".ci" / "run").read_text()
     test_command = 'pip install -e ".[dev]" && python -m pytest -q'
     assert test_command in text and test_command in ci
-    assert "pip install -e . && astrea demo" in text
+    assert 'pip install -e ".[demo]" && astrea demo' in text
 
 
 def test_demo_command_line_reaches_run_demo_with_its_settings(monkeypatch):

@@ -118,12 +118,12 @@ def build_demo_model(recipe, settings: DemoSettings, train_scenes, log=print):
     """The recipe's tiny model (with ``config_overrides``), towers warmed up and frozen again."""
     from .modeling import AstreaForConditionalGeneration
     from .processing import build_processor
-    from .train.run import _merge, preset_config
+    from .train.run import merge_overrides, preset_config
     from .train.warmup import warm_up_towers
 
     preset = recipe.model.get("preset", "tiny")
     torch.manual_seed(int(recipe.model.get("seed", settings.seed)) + settings.seed)
-    config = preset_config(preset, _merge(recipe.model.get("overrides") or {}, settings.config_overrides))
+    config = preset_config(preset, merge_overrides(recipe.model.get("overrides") or {}, settings.config_overrides))
     model = AstreaForConditionalGeneration(config)
     processor = build_processor(config, tokenizer=demo_tokenizer(config, train_scenes))
     if settings.warmup_steps > 0:
@@ -140,7 +140,6 @@ def demo_tokenizer(config, train_scenes):
     and shape names, yes/no, digits), so the toy LLM spends its capacity on seeing, not spelling.
     """
     from .processing.tokenization import build_byte_level_tokenizer
-    from .train.data import stage_target
     from .train.synthetic import eval_record
     from .eval.prompts import build_prompt
 

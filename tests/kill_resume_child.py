@@ -25,9 +25,6 @@ import torch
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import datasets  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
@@ -37,12 +34,12 @@ import astrea_vlm.train.trainer as trainer_module  # noqa: E402
 from astrea_vlm.configuration import get_preset  # noqa: E402
 from astrea_vlm.modeling import AstreaForConditionalGeneration  # noqa: E402
 from astrea_vlm.processing import build_processor  # noqa: E402
+from astrea_vlm.train.distributed_check import textured_colour_dataset  # noqa: E402
 from astrea_vlm.train.schedule import configure_stage  # noqa: E402
 from astrea_vlm.train.trainer import AstreaSFTTrainer  # noqa: E402
 
 MAX_STEPS = 8
 SAVE_STEPS = 2
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "white": (250, 250, 250)}
 
 
 def die() -> None:
@@ -51,21 +48,7 @@ def die() -> None:
 
 
 def dataset(n: int = 6):
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(n):
-        name = list(COLOURS)[i % 4]
-        pixels = np.clip(np.array(COLOURS[name]) + rng.normal(0, 25, (32, 32, 3)), 0, 255).astype(np.uint8)
-        rows.append(
-            {
-                "images": [Image.fromarray(pixels)],
-                "messages": [
-                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]},
-                    {"role": "assistant", "content": [{"type": "text", "text": name}]},
-                ],
-            }
-        )
-    return datasets.Dataset.from_list(rows)
+    return textured_colour_dataset(n)
 
 
 class KillAfterStep(TrainerCallback):

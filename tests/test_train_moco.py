@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import math
 
-import datasets
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+
+from astrea_vlm.train.distributed_check import textured_colour_dataset
 from transformers import TrainerCallback
 from trl import SFTConfig
 
@@ -19,27 +18,10 @@ from astrea_vlm.train.moco import MomentumContrast
 from astrea_vlm.train.schedule import configure_stage
 from astrea_vlm.train.trainer import MOCO_STATE, AstreaSFTTrainer
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "white": (250, 250, 250)}
-
-
 def _dataset(n=16):
     # Coloured images with texture: uniform images would make every visual token identical, and
     # attention over identical keys has no gradient for its query/key maps.
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(n):
-        name = list(COLOURS)[i % 4]
-        pixels = np.clip(np.array(COLOURS[name]) + rng.normal(0, 25, (32, 32, 3)), 0, 255).astype(np.uint8)
-        rows.append(
-            {
-                "images": [Image.fromarray(pixels)],
-                "messages": [
-                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]},
-                    {"role": "assistant", "content": [{"type": "text", "text": name}]},
-                ],
-            }
-        )
-    return datasets.Dataset.from_list(rows)
+    return textured_colour_dataset(n)
 
 
 def _model(seed=0, **overrides):

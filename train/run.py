@@ -66,10 +66,10 @@ def load_model_and_processor(recipe: Recipe, init_from: str | Path | None = None
     return AstreaForConditionalGeneration(config), build_processor(config)
 
 
-def _merge(base: dict, overrides: dict) -> dict:
+def merge_overrides(base: dict, overrides: dict) -> dict:
     merged = dict(base)
     for key, value in overrides.items():
-        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        merged[key] = merge_overrides(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
     return merged
 
 
@@ -84,7 +84,7 @@ def preset_config(preset: str, overrides: dict | None = None):
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return AstreaConfig(**_merge(PRESETS[preset](), dict(overrides or {})))
+    return AstreaConfig(**merge_overrides(PRESETS[preset](), dict(overrides or {})))
 
 
 def _save_weights(model, folder: Path) -> None:

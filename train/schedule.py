@@ -24,7 +24,6 @@ segmentation]]`` for "Cap->All".
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -101,10 +101,10 @@ def visual_path_features(model, processor, images, batch_size: int = 256) -> dic
     out: dict[str, list[torch.Tensor]] = {point: [] for point in POINTS}
     for start in range(0, len(images), batch_size):
         pixels = processor.image_processor(images[start:start + batch_size], return_tensors="pt")
-        pixel_values = {role: pixels[f"pixel_values_{role}"] for role in backbone.expert_order}
-        visual = backbone.get_image_features(pixel_values=pixel_values)
         order = backbone.expert_order
-        out["towers"].append(torch.cat([backbone.get_tower_tokens(role, pixel_values[role]) for role in order], dim=1))
+        tokens = {role: backbone.get_tower_tokens(role, pixels[f"pixel_values_{role}"]) for role in order}
+        visual = backbone.get_image_features(tower_features=tokens)  # the towers run once, for both points
+        out["towers"].append(torch.cat([tokens[role] for role in order], dim=1))
         out["projected"].append(torch.cat([visual.expert_features[role] for role in order], dim=1))
         out["bridged"].append(torch.cat([visual.bridged_features[role] for role in order], dim=1))
         out["fused"].append(visual.fused)

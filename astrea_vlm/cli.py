@@ -17,6 +17,15 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain_llm(args: argparse.Namespace) -> int:
+    from astrea_vlm.train.pretrain_llm import PretrainSettings, pretrain_world_llm
+
+    fields = {k: getattr(args, k) for k in ("scenes", "steps", "seed") if getattr(args, k) is not None}
+    summary = pretrain_world_llm(PretrainSettings(**fields), output=args.output)
+    print(f"astrea pretrain-llm: wrote {args.output} in {summary['seconds']:.0f} s")
+    return 0
+
+
 def _ablate(args: argparse.Namespace) -> int:
     from astrea_vlm.demo import DemoSettings, run_ablation
 
@@ -82,6 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--test-size", type=int, default=64, help="test scenes (7 questions each)")
     demo.add_argument("--warmup-steps", type=int, help="tower warm-up steps per expert (0: random towers; default: the demo's)")
     demo.set_defaults(func=_demo)
+
+    pretrain = sub.add_parser("pretrain-llm", help="pretrain the demo's toy LLM on the synthetic world's language (see "
+                              "astrea_vlm.train.pretrain_llm); the demo ships the result")
+    pretrain.add_argument("--output", required=True, help="folder for model.safetensors, the tokenizer and pretrain.json "
+                          "(the shipped one is astrea_vlm/train/world_llm)")
+    pretrain.add_argument("--scenes", type=int, help="pretraining scenes (default: PretrainSettings.scenes)")
+    pretrain.add_argument("--steps", type=int, help="optimizer steps (default: PretrainSettings.steps)")
+    pretrain.add_argument("--seed", type=int, help="scene and init seed (default: PretrainSettings.seed)")
+    pretrain.set_defaults(func=_pretrain_llm)
 
     ablate = sub.add_parser("ablate", help="rerun the demo pipeline with the paper's ablation variants (Tables 3, 4, 6)")
     ablate.add_argument("--what", required=True, choices=["topk", "order", "residual", "moco"])

@@ -5,7 +5,10 @@
    dataset (PNG images + ``test.jsonl``).
 2. **Model** -- the recipe's tiny Astrea, its four toy towers first warmed up on their own
    specialities (:mod:`astrea_vlm.train.warmup`) so that the experts really differ, then frozen.
-   This model is saved as the *untrained* baseline (``untrained/``).
+   With ``model.llm: world`` (the ``demo`` recipe) its LLM and tokenizer are the shipped *world
+   LLM* (:mod:`astrea_vlm.train.pretrain_llm`), the demo's analogue of the paper's pretrained LLM.
+   This model is saved as the *untrained* baseline (``untrained/``): pretrained LLM, warmed-up
+   towers, random projectors, bridges and fusion.
 3. **Progressive pre-alignment** -- ``run_align``: one stage per expert, coarse to fine, with
    cumulative labels, the residual bridges, and the feature cache.
 4. **Instruction tuning** -- ``run_instruct``: MoE fusion with momentum contrast; writes the
@@ -16,7 +19,7 @@
    reloaded through ``pipeline("image-text-to-text", trust_remote_code=True)`` and asked about a
    freshly generated image.
 
-Every setting comes from a recipe (default: the shipped ``tiny`` recipe) and the few demo knobs of
+Every setting comes from a recipe (default: the shipped ``demo`` recipe) and the few demo knobs of
 :class:`DemoSettings`; ``astrea ablate`` reruns the same pipeline with variants.
 """
 
@@ -118,14 +121,18 @@ def build_demo_model(recipe, settings: DemoSettings, train_scenes, log=print):
     """The recipe's tiny model (with ``config_overrides``), towers warmed up and frozen again."""
     from .modeling import AstreaForConditionalGeneration
     from .processing import build_processor
-    from .train.run import merge_overrides, preset_config
+    from .train.run import merge_overrides, preset_config, start_from_world_llm
     from .train.warmup import warm_up_towers
 
     preset = recipe.model.get("preset", "tiny")
     torch.manual_seed(int(recipe.model.get("seed", settings.seed)) + settings.seed)
     config = preset_config(preset, merge_overrides(recipe.model.get("overrides") or {}, settings.config_overrides))
     model = AstreaForConditionalGeneration(config)
-    processor = build_processor(config, tokenizer=demo_tokenizer(config, train_scenes))
+    llm = recipe.model.get("llm")
+    # The recipe's LLM: the pretrained world LLM and its tokenizer, or a random one with a BPE
+    # learned from the training split.
+    tokenizer = start_from_world_llm(model, llm) if llm else demo_tokenizer(config, train_scenes)
+    processor = build_processor(config, tokenizer=tokenizer)
     if settings.warmup_steps > 0:
         report = warm_up_towers(model, processor, train_scenes, steps=settings.warmup_steps, seed=settings.seed)
         for role, values in report.items():
@@ -292,7 +299,7 @@ def report_markdown(summary: dict, output: Path) -> str:
         "",
         "Accuracy per question type (grounding: Acc@IoU>0.5; caption: CIDEr-D). *majority*: the most",
         "frequent training answer of the type; *untrained*: the same model before alignment and",
-        "instruction tuning (towers warmed up, everything else random).",
+        "instruction tuning (towers warmed up, the recipe's LLM, projectors, bridges and fusion random).",
         "",
         summary_table(summary["table"]),
         "",
@@ -324,7 +331,7 @@ def ablation_variants(what: str, recipe) -> dict[str, dict[str, Any]]:
     * ``order`` (Table 6): Cap->Cls->Det->Seg, the reverse, and Cap->All (one joint stage after
       captioning).
     * ``residual`` (Table 4): with the random residual bridges, and without: the bridges are not
-      trained, so their tanh gates stay at their initial 0 and every expert's features pass
+      trained in either phase, so their tanh gates stay at their initial 0 and every expert's features pass
       through unchanged (``f'_k = f_k``) -- the model without eq. 2-4.
     * ``moco`` (Table 4): instruction tuning with and without the momentum-contrast loss.
     """
@@ -338,9 +345,11 @@ def ablation_variants(what: str, recipe) -> dict[str, dict[str, Any]]:
             "cap>all": {"config": {}, "recipe": {"order": ["caption", ["classification", "detection", "segmentation"]]}},
         }
     if what == "residual":
-        without = [g for g in align_groups if g != "bridge"]
-        return {"with residual": {"config": {}, "recipe": {}},
-                "without residual": {"config": {}, "recipe": {"align": dataclasses.replace(recipe.align, trainable=without)}}}
+        without = {
+            "align": dataclasses.replace(recipe.align, trainable=[g for g in align_groups if g != "bridge"]),
+            "instruct": dataclasses.replace(recipe.instruct, trainable=[g for g in recipe.instruct.trainable if g != "bridge"]),
+        }
+        return {"with residual": {"config": {}, "recipe": {}}, "without residual": {"config": {}, "recipe": without}}
     if what == "moco":
         return {"with MoCo": {"config": {}, "recipe": {}},
                 "without MoCo": {"config": {}, "recipe": {"instruct": dataclasses.replace(recipe.instruct, use_moco=False)}}}

@@ -122,13 +122,14 @@ def probe_dataset(scenes, features: torch.Tensor, question_type: str, vocabulary
     return (tokens, queries, targets), labels
 
 
-def model_accuracy(model_dir: Path, scenes, work: Path) -> dict[str, float]:
+def model_accuracy(model_dir: Path, scenes, work: Path, image_position: str = "before") -> dict[str, float]:
     """The model's own accuracy per question type on ``scenes`` (``astrea eval --task qa``)."""
     from astrea_vlm.demo import primary_scores, write_eval_split
     from astrea_vlm.eval.runner import run_eval
 
     records = write_eval_split(scenes, work / "data")
-    return primary_scores(run_eval(model_dir, task="qa", data=records, output=work / "eval", batch_size=32, max_new_tokens=16))
+    return primary_scores(run_eval(model_dir, task="qa", data=records, output=work / "eval", batch_size=32, max_new_tokens=16,
+                                  image_position=image_position))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -145,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-objects", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0, help="the data seed the model was trained with")
     parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--image-position", choices=["before", "after"], default="after",
+                        help="where the model was trained to see the image relative to the prompt (the demo: after)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--output", default=None, help="folder for probe.json / probe.md (default: <model>/probe)")
     args = parser.parse_args(argv)
@@ -163,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     features = {"train": visual_path_features(model, processor, [s.image for s in train_scenes]),
                 "val": visual_path_features(model, processor, [s.image for s in val_scenes])}
     vocabulary = question_vocabulary()
-    own = model_accuracy(model_dir, val_scenes, output)
+    own = model_accuracy(model_dir, val_scenes, output, image_position=args.image_position)
     table: dict[str, dict[str, float]] = {}
     for qtype in QUESTION_TYPES:
         table[qtype] = {}

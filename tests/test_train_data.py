@@ -380,6 +380,12 @@ def test_synthetic_stage_rows_match_the_scene(scenes):
         expected = sorted((o.category, D.format_box(o.box)) for o in scene.objects)
         assert sorted((c, D.format_box(b)) for c, b in parsed) == expected
         assert masks.startswith("Masks: ") and masks.count("(") <= 6 * len(scene.objects)
+    # image_position="after": the same rows with the instruction first (the demo's layout).
+    after = D.build_stage_dataset(source, 3, "default", max_vertices=6, image_position="after")
+    for before_row, after_row in zip(ds, after):
+        assert after_row["messages"][0]["content"] == before_row["messages"][0]["content"][::-1]
+        assert after_row["messages"][0]["content"][1]["type"] == "image"
+        assert after_row["messages"][1] == before_row["messages"][1]
     reverse = D.build_stage_dataset(scenes, 1, "reverse")
     assert reverse[0]["messages"][1]["content"][0]["text"].split("\n")[0].startswith("Masks: ")
     assert reverse[0]["messages"][1]["content"][0]["text"].split("\n")[1].startswith("Boxes: ")

@@ -89,6 +89,11 @@ def test_instruct_without_alignment_aligns_first_then_resume_skips_done_stages(t
     reloaded = AstreaForConditionalGeneration.from_pretrained(aligned).state_dict()
     for key, value in weights[-1].items():
         assert torch.equal(reloaded[key], value), key
+    # Another recipe into the same folder: a finished stage is never silently reused for it.
+    other = _recipe(tmp_path, align={"max_steps": 2, "learning_rate": 1.0e-3, "trainable": ["projector", "bridge"]})
+    with pytest.raises(ValueError, match="other settings than this run's; use a new output folder"):
+        run_align(other, log=lambda *a: None)
+    assert json.loads((out / "align-1-caption" / "stage_done.json").read_text())["fingerprint"]
 
 
 def recipe_model_config():

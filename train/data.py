@@ -1080,13 +1080,15 @@ def build_stage_dataset(
     max_length: int | None = None,
     max_target_chars: int | None = None,
     skip_invalid: bool = False,
+    image_position: str = "before",
     log=print,
 ):
     """The pre-alignment dataset of stage ``stage_index`` (0-based) of ``order`` (cumulative labels).
 
     ``source`` is an :class:`AlignmentSource` or a list of synthetic scenes. Rows: instruction
     :func:`stage_instruction` of :func:`stage_roles`, target :func:`stage_target`, plus ``image_id``
-    and ``stage`` (the stage's own roles joined by ``"+"``). ``caption_mode="all"`` writes one row
+    and ``stage`` (the stage's own roles joined by ``"+"``); ``image_position="after"`` puts the
+    image after the instruction (as :func:`single_turn_row`). ``caption_mode="all"`` writes one row
     per caption (COCO has five), ``"first"`` one per image. ``max_objects`` keeps the largest
     objects in Boxes/Masks.
 
@@ -1134,7 +1136,7 @@ def build_stage_dataset(
                 shortened[how].append(image.image_id)
             if how == "too_long":
                 continue
-            rows.append(single_turn_row(image.image, instruction, target, image.image_id, stage=own))
+            rows.append(single_turn_row(image.image, instruction, target, image.image_id, image_position, stage=own))
     if log is not None and (shortened["vertices"] or shortened["objects"]):
         log(f"[{source.name}] stage {stage_index + 1} ({own}): {len(shortened['vertices']) + len(shortened['objects'])} of "
             f"{len(rows) + len(shortened['too_long'])} targets shortened to fit {budget} {unit} "
@@ -1384,6 +1386,7 @@ def stage_dataset(data: Mapping[str, Any] | None, stage_index: int, order: str |
         max_length=cfg.get("max_length"),
         max_target_chars=cfg.get("max_target_chars"),
         skip_invalid=bool(cfg.get("skip_invalid", False)),
+        image_position=cfg.get("image_position", "before"),
         log=log,
     )
 

@@ -63,7 +63,22 @@ def load_model_and_processor(recipe: Recipe, init_from: str | Path | None = None
         raise ValueError(f"model.preset={preset!r} has no random weights to start from; give model.path (an `astrea create` folder)")
     torch.manual_seed(int(recipe.model.get("seed", recipe.seed)))
     config = preset_config(preset, recipe.model.get("overrides"))
-    return AstreaForConditionalGeneration(config), build_processor(config)
+    model = AstreaForConditionalGeneration(config)
+    llm = recipe.model.get("llm")
+    if llm is None:
+        return model, build_processor(config)
+    return model, build_processor(config, tokenizer=start_from_world_llm(model, llm))
+
+
+def start_from_world_llm(model, llm: str):
+    """``model.llm`` of a recipe: ``world`` (the shipped pretrained world LLM,
+    :mod:`astrea_vlm.train.pretrain_llm`) or a folder written by ``astrea pretrain-llm``. Loads its
+    weights into ``model``'s LLM and returns its tokenizer."""
+    from .pretrain_llm import SHIPPED, load_world_llm, load_world_tokenizer
+
+    folder = SHIPPED if llm == "world" else Path(llm)
+    load_world_llm(model, folder)
+    return load_world_tokenizer(folder)
 
 
 def merge_overrides(base: dict, overrides: dict) -> dict:
@@ -96,7 +111,29 @@ def _save_weights(model, folder: Path) -> None:
 
 
 def _load_weights(model, folder: Path) -> None:
-    model.load_state_dict(load_file(str(folder / "weights.safetensors")), strict=True)
+    try:
+        model.load_state_dict(load_file(str(folder / "weights.safetensors")), strict=True)
+    except RuntimeError as error:  # missing / unexpected keys or other shapes: another model's stage
+        raise ValueError(f"{folder} holds a finished stage of a different model ({str(error).splitlines()[-1].strip()}); "
+                         f"use a new output folder, or delete {folder} to train the stage again") from None
+
+
+def stage_fingerprint(model, recipe: Recipe, phase, groups: list[str], roles: list[str], n_rows: int) -> str:
+    """A digest of what a stage starts from: the model's weights (shape, sum and absolute sum per
+    tensor -- cheap even for a 13B model) and the stage's settings. A finished stage is reused only
+    when the same model and settings would train it again."""
+    import dataclasses
+    import hashlib
+
+    digest = hashlib.sha256()
+    settings = {"phase": dataclasses.asdict(phase), "optim": recipe.optim, "groups": list(groups), "roles": list(roles),
+                "rows": int(n_rows)}
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, tensor in sorted(model.state_dict().items()):
+            values = tensor.detach().double()
+            digest.update(f"{name}{tuple(tensor.shape)}{float(values.sum()):.9e}{float(values.abs().sum()):.9e}".encode())
+    return digest.hexdigest()[:16]
 
 
 def _last_checkpoint(folder: Path) -> str | None:
@@ -156,10 +193,16 @@ def run_stage(model, processor, recipe: Recipe, phase, groups: list[str], roles:
     """
     from .trainer import AstreaSFTTrainer
 
+    fingerprint = stage_fingerprint(model, recipe, phase, groups, roles, len(dataset))
     if (stage_dir / DONE).is_file():
+        done = json.loads((stage_dir / DONE).read_text())
+        if done.get("fingerprint", fingerprint) != fingerprint:
+            raise ValueError(f"{stage_dir} holds a finished stage that was trained from another model or with other "
+                             f"settings than this run's; use a new output folder, or delete {stage_dir} to train the "
+                             f"stage again")
         _load_weights(model, stage_dir)
         log(f"[{stage_dir.name}] done earlier: weights loaded")
-        return json.loads((stage_dir / DONE).read_text())
+        return done
     if not hasattr(model, "peft_config"):  # a PEFT model was configured when it was wrapped
         configure_stage(model, groups, roles)
     log(format_audit(stage_dir.name, parameter_audit(model)))
@@ -178,7 +221,7 @@ def run_stage(model, processor, recipe: Recipe, phase, groups: list[str], roles:
         log(f"[{stage_dir.name}] resuming from {checkpoint}")
     result = trainer.train(resume_from_checkpoint=checkpoint)
     _save_weights(model, stage_dir)
-    summary = {"stage": stage_dir.name, "roles": roles, "groups": groups, "train_loss": result.training_loss,
+    summary = {"stage": stage_dir.name, "roles": roles, "groups": groups, "fingerprint": fingerprint, "train_loss": result.training_loss,
                "log_history": trainer.state.log_history}
     tmp = stage_dir / f"{DONE}.tmp"
     tmp.write_text(json.dumps(summary, indent=1))

@@ -146,19 +146,9 @@ def demo_tokenizer(config, train_scenes):
     Like a real LLM's tokenizer, it makes the frequent words of its domain single tokens (colour
     and shape names, yes/no, digits), so the toy LLM spends its capacity on seeing, not spelling.
     """
-    from .processing.tokenization import build_byte_level_tokenizer
-    from .train.synthetic import eval_record
-    from .eval.prompts import build_prompt
+    from .train.pretrain_llm import world_tokenizer
 
-    texts = []
-    for scene in train_scenes:
-        texts.append(scene.caption)
-        texts.append(", ".join(scene.tags))
-        for qa in scene.qa:
-            record = eval_record(qa)
-            texts.append(build_prompt(record["metric"], record) + " " + qa["answer"])
-    return build_byte_level_tokenizer(config.text_config.vocab_size, model_max_length=config.text_config.max_position_embeddings,
-                                      corpus=texts)
+    return world_tokenizer(train_scenes, config.text_config.vocab_size, config.text_config.max_position_embeddings)
 
 
 def roundtrip(final: Path, seed: int, image_position: str = "before", log=print) -> dict:

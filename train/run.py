@@ -131,6 +131,8 @@ def stage_fingerprint(model, recipe: Recipe, phase, groups: list[str], roles: li
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, tensor in sorted(model.state_dict().items()):
+            if "lora_" in name:  # a fresh LoRA's random init is not part of what the stage starts from
+                continue
             values = tensor.detach().double()
             digest.update(f"{name}{tuple(tensor.shape)}{float(values.sum()):.9e}{float(values.abs().sum()):.9e}".encode())
     return digest.hexdigest()[:16]

@@ -181,7 +181,9 @@ def _sparse_scene(coverage: np.ndarray, words, width: int = 16) -> tuple[np.ndar
     index = np.zeros((coverage.shape[1], width), np.int64)
     value = np.zeros((coverage.shape[1], width), np.float32)
     for cell, items in enumerate(weights):
-        items = sorted(items.items(), key=lambda kv: -kv[1])[:width]
+        if len(items) > width:
+            raise ValueError(f"cell {cell} is named by {len(items)} tokens, more than width={width}; raise the width")
+        items = sorted(items.items(), key=lambda kv: -kv[1])
         for k, (token, w) in enumerate(items):
             index[cell, k], value[cell, k] = token, w
     return index, value
@@ -203,7 +205,7 @@ class WorldCorpus:
         self.qa = [_Row(position[r["image_id"]], *encode_row(processor, r["messages"]), r["question_type"]) for r in qa]
         self.stages: list[_Row] = []
         if with_stages:
-            for dataset in build_stage_datasets(source_from_scenes(scenes), processor=processor):
+            for dataset in build_stage_datasets(source_from_scenes(scenes), processor=processor, image_position=image_position):
                 self.stages += [_Row(position[r["image_id"]], *encode_row(processor, r["messages"]), "stage:" + r["stage"])
                                 for r in dataset]
 

@@ -278,13 +278,16 @@ def greedy_answers(model, corpus: WorldCorpus, rows: Sequence[_Row], image_token
 
 
 def score_answer(question_type: str, prediction: str, truth: str) -> float:
-    """Accuracy of one answer: exact match; grounding: IoU > 0.5 with the true box."""
+    """Accuracy of one answer, as ``astrea eval`` scores it: exact match after its normalisation;
+    grounding: IoU above its threshold with the true box."""
     from ..eval.boxes import box_iou, parse_boxes
+    from ..eval.metrics import exact_match_score
+    from ..eval.runner import GROUNDING_IOU_THRESHOLD
 
     if question_type == "grounding":
         predicted, true = parse_boxes(prediction), parse_boxes(truth)
-        return float(bool(predicted) and box_iou(predicted[0], true[0]) > 0.5)
-    return float(prediction.strip().lower().rstrip(".") == truth.strip().lower())
+        return float(bool(predicted) and box_iou(predicted[0], true[0]) > GROUNDING_IOU_THRESHOLD)
+    return exact_match_score(prediction, truth)
 
 
 def evaluate_symbolic(model, corpus: WorldCorpus, processor, image_token_id: int) -> dict[str, float]:

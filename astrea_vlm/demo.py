@@ -100,14 +100,14 @@ def score_constant(records_path: Path, answers: dict[str, str]) -> dict:
 
     records, _ = load_records(records_path)
     samples = []
-    for record in records:
+    for index, record in enumerate(records):
         metric = record_metric("qa", record)
         references = record_references(metric, record)
         prediction = answers[record["question_type"]]
-        samples.append({"question_type": record["question_type"], "metric": metric, "prediction": prediction,
-                        "references": references, "score": score_sample(metric, prediction, references)})
+        samples.append({"id": record.get("id", index), "question_type": record["question_type"], "metric": metric,
+                        "prediction": prediction, "references": references, "score": score_sample(metric, prediction, references)})
     metrics, per_type = score_samples("qa", samples)
-    return {"metrics": metrics, "per_type": per_type}
+    return {"metrics": metrics, "per_type": per_type, "samples": samples}
 
 
 def primary_scores(results: dict) -> dict[str, float]:
@@ -133,7 +133,8 @@ def build_demo_model(recipe, settings: DemoSettings, train_scenes, log=print):
     # learned from the training split.
     tokenizer = start_from_world_llm(model, llm) if llm else demo_tokenizer(config, train_scenes)
     processor = build_processor(config, tokenizer=tokenizer)
-    if settings.warmup_steps > 0:
+    steps = settings.warmup_steps
+    if (sum(steps.values()) if isinstance(steps, dict) else steps) > 0:
         report = warm_up_towers(model, processor, train_scenes, steps=settings.warmup_steps, seed=settings.seed)
         for role, values in report.items():
             log(f"warm-up {role:<15} loss {values['loss_first']:.3f} -> {values['loss_last']:.3f} ({values['seconds']:.1f} s)")
@@ -183,11 +184,13 @@ def _check_demo_packages() -> None:
 
 def run_demo(settings: DemoSettings | None = None, log=print) -> dict:
     """Run the demo pipeline (see the module docstring); returns the summary written to ``summary.json``."""
+    from .eval.compare import comparison_markdown, paired_bootstrap
     from .eval.report import plot_training_curves, write_router_report
     from .eval.runner import run_eval
     from .export import save_hub_folder
     from .train.run import run_align, run_instruct
     from .train.schedule import load_recipe
+    from .train.data import synthetic_scenes
     from .train.synthetic import make_split
 
     settings = settings or DemoSettings()
@@ -205,7 +208,8 @@ def run_demo(settings: DemoSettings | None = None, log=print) -> dict:
     seed = int(data.get("seed", 0)) + settings.seed
     size = data.get("image_size", 64)
     world = {"image_size": size, "min_objects": int(data.get("min_objects", 2)), "max_objects": int(data.get("max_objects", 5))}
-    train_scenes = make_split("train", int(data.get("train_size", 256)), seed=seed, **world)
+    # Through the training data's cache: the alignment stages and instruction tuning read the same scenes.
+    train_scenes = synthetic_scenes("train", int(data.get("train_size", 256)), seed=seed, **world)
     test_scenes = make_split("test", settings.test_size, seed=seed, **world)
     test_records = write_eval_split(test_scenes, output / "data" / "test")
     # Settings are chosen on the validation split; the test split only reports.
@@ -249,18 +253,21 @@ def run_demo(settings: DemoSettings | None = None, log=print) -> dict:
     _log_section(log, "6/6 report and Hub round trip")
     tick = time.perf_counter()
     table = {name: primary_scores(result) for name, result in {**baselines, "astrea": trained}.items()}
+    # "Beats the majority clearly": the 95% paired-bootstrap interval of the difference is above 0.
+    versus_majority = paired_bootstrap(trained["samples"], baselines["majority"]["samples"], seed=settings.seed)
     stages = sorted(p for p in (output / "train").glob("align-*") if p.is_dir()) + [output / "train" / "instruct"]
     plot_training_curves(stages, output / "loss.png", keys=["loss", "loss_reg", "loss_moco"], title="training loss per stage")
     write_router_report([trained], output)
     trip = roundtrip(final, settings.seed, image_position=image_position, log=log) if settings.roundtrip else None
     timings["report"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - start
-    summary = {"table": table, "validation": primary_scores(validation), "timings_s": {k: round(v, 1) for k, v in timings.items()}, "final": str(final),
+    summary = {"table": table, "versus_majority": versus_majority, "validation": primary_scores(validation), "timings_s": {k: round(v, 1) for k, v in timings.items()}, "final": str(final),
                "untrained": str(untrained), "roundtrip": trip, "recipe": settings.recipe, "seed": settings.seed,
-               "config_overrides": settings.config_overrides}
+               "config_overrides": settings.config_overrides, "settings": _settings_record(settings)}
     (output / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     (output / "report.md").write_text(report_markdown(summary, output), encoding="utf-8")
     log("\n" + summary_table(table))
+    log("\n" + comparison_markdown(versus_majority, "astrea", "majority"))
     log(f"\nreport: {output / 'report.md'}; Hub-ready model: {final}; total {timings['total'] / 60:.1f} min")
     return summary
 
@@ -277,6 +284,8 @@ def summary_table(table: dict[str, dict[str, float]]) -> str:
 
 
 def report_markdown(summary: dict, output: Path) -> str:
+    from .eval.compare import comparison_markdown
+
     timings = summary["timings_s"]
     trip = summary.get("roundtrip")
     lines = [
@@ -292,6 +301,11 @@ def report_markdown(summary: dict, output: Path) -> str:
         "instruction tuning (towers warmed up, the recipe's LLM, projectors, bridges and fusion random).",
         "",
         summary_table(summary["table"]),
+        "",
+        "Is the gain over the majority baseline clear? Paired bootstrap over the test questions (2000",
+        "resamples; captions: per-image CIDEr-D): the difference and its 95% interval.",
+        "",
+        comparison_markdown(summary["versus_majority"], "astrea", "majority") if "versus_majority" in summary else "",
         "",
         "The same model on the validation split (where settings are chosen; the test split only reports): "
         + ", ".join(f"{k} {v:.3f}" for k, v in summary.get("validation", {}).items()) + ".",
@@ -365,12 +379,20 @@ def run_ablation(what: str, seeds: int = 3, base: DemoSettings | None = None, lo
     for name, overrides in ablation_variants(what, recipe).items():
         for seed in range(seeds):
             _log_section(log, f"ablation {what}: {name}, seed {seed}")
+            # The unchanged recipe is a variant of every ablation (top-3, with residual, with MoCo,
+            # cap>cls>det>seg): its runs live in one shared folder and are trained once per seed.
+            unchanged = not overrides["config"] and not overrides["recipe"]
+            folder = Path(base.output) / "ablation-baseline" if unchanged else root / name.replace(">", "-").replace(" ", "_")
             settings = dataclasses.replace(
-                base, output=str(root / name.replace(">", "-").replace(" ", "_") / f"seed-{seed}"), seed=seed,
+                base, output=str(folder / f"seed-{seed}"), seed=seed,
                 config_overrides={**base.config_overrides, **overrides["config"]},
                 recipe_overrides={**base.recipe_overrides, **overrides["recipe"]}, skip_untrained_eval=True, roundtrip=False,
             )
-            summary = run_demo(settings, log=log)
+            summary = _finished_run(settings) if unchanged else None
+            if summary is not None:
+                log(f"{name}: the unchanged recipe's run for seed {seed} is in {settings.output} already (same settings); reusing it")
+            else:
+                summary = run_demo(settings, log=log)
             runs.setdefault(name, []).append(summary["table"]["astrea"])
     result = {"what": what, "seeds": seeds, "runs": runs, "table": ablation_table(runs)}
     root.mkdir(parents=True, exist_ok=True)
@@ -379,6 +401,24 @@ def run_ablation(what: str, seeds: int = 3, base: DemoSettings | None = None, lo
     log("\n" + result["table"])
     log(f"\nwritten to {root / 'ablation.md'}")
     return result
+
+
+def _settings_record(settings: DemoSettings) -> str:
+    """The settings of a run and the content of its recipe, as text: what decides whether a finished
+    run can stand for a new one (an edited recipe file makes old runs stale)."""
+    from .train.schedule import load_recipe
+
+    record = {"settings": dataclasses.asdict(settings), "recipe": dataclasses.asdict(load_recipe(settings.recipe))}
+    return json.dumps(record, sort_keys=True, default=repr)
+
+
+def _finished_run(settings: DemoSettings) -> dict | None:
+    """The summary of a finished run in ``settings.output`` made with exactly these settings, else None."""
+    path = Path(settings.output) / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    return summary if summary.get("settings") == _settings_record(settings) else None
 
 
 def ablation_table(runs: dict[str, list[dict[str, float]]]) -> str:

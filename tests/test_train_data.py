@@ -513,3 +513,23 @@ def test_image_position_orders_the_user_turn_the_same_in_training_rows_and_evalu
     assert [p["type"] for p in user_turn("q", 2)[0]["content"]] == ["image", "image", "text"]
     with pytest.raises(ValueError, match="image_position"):
         D.build_qa_dataset(scenes[:1], image_position="middle")
+
+
+def test_each_scene_image_is_stored_once_per_dataset_and_decodes_to_the_same_pixels(scenes):
+    from astrea_vlm.train.run import _dataset_images
+
+    ds = D.build_qa_dataset(scenes)
+    assert len(ds) > len(scenes)  # several questions per scene share its image
+    for row in ds.select(range(0, len(ds), 5)):
+        scene = next(s for s in scenes if s.image_id == row["image_id"])
+        assert np.array_equal(np.asarray(row["images"][0].convert("RGB")), np.asarray(scene.image.convert("RGB")))
+    distinct = _dataset_images(ds)
+    assert len(distinct) == len(scenes)  # the feature cache decodes each scene once
+    originals = {np.asarray(s.image.convert("RGB")).tobytes() for s in scenes}
+    assert {np.asarray(i.convert("RGB")).tobytes() for i in distinct} == originals
+
+
+def test_synthetic_source_is_shared_by_the_stages_of_a_run():
+    first = D.synthetic_source("train", 3, seed=5, image_size=[48, 48], max_objects=3)
+    assert D.synthetic_source("train", 3, seed=5, image_size=(48, 48), max_objects=3) is first
+    assert D.synthetic_source("train", 3, seed=6, image_size=48, max_objects=3) is not first

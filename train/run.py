@@ -165,7 +165,24 @@ def cache_plan(model) -> dict[str, list[str]]:
 
 
 def _dataset_images(dataset) -> list:
-    return [image for row in dataset.select_columns(["images"]) for image in (row["images"] or [])]
+    """The dataset's distinct images, decoded once each (QA rows repeat their scene's image)."""
+    import io
+
+    from datasets import Image, List
+    from PIL import Image as PILImage
+
+    raw = dataset.select_columns(["images"]).cast_column("images", List(Image(decode=False)))
+    seen: dict[bytes, None] = {}
+    images = []
+    for row in raw:
+        for item in row["images"] or []:
+            data = item.get("bytes")
+            if data is None:  # stored as a path: decode it as the Image feature would
+                images.append(Image().decode_example(item))
+            elif data not in seen:
+                seen[data] = None
+                images.append(PILImage.open(io.BytesIO(data)))
+    return images
 
 
 def _with_feature_cache(trainer, model, processor, dataset, cache_dir: Path, log=print):

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -112,9 +112,13 @@ class _Probe(nn.Module):
         return bce(logits, target)
 
 
-def warm_up_towers(model, processor, scenes: Sequence, steps: int = 60, batch_size: int = 32, learning_rate: float = 2e-3,
-                   roles: Sequence[str] | None = None, seed: int = 0, progress: bool = True) -> dict[str, dict[str, float]]:
+def warm_up_towers(model, processor, scenes: Sequence, steps: int | Mapping[str, int] = 60, batch_size: int = 32,
+                   learning_rate: float = 2e-3, roles: Sequence[str] | None = None, seed: int = 0,
+                   progress: bool = True) -> dict[str, dict[str, float]]:
     """Train each tower of ``model`` on its speciality (see the module docstring) for ``steps`` steps.
+
+    ``steps`` is one number for every tower or ``{role: steps}`` (a role left out, or 0, is not
+    warmed up): the towers differ a lot in cost per step.
 
     Returns ``{role: {"loss_first", "loss_last", "seconds"}}`` (mean loss of the first and last five
     steps), so a caller can show that every tower learned something.
@@ -123,6 +127,14 @@ def warm_up_towers(model, processor, scenes: Sequence, steps: int = 60, batch_si
 
     backbone = model.model
     roles = list(roles or backbone.expert_order)
+    if isinstance(steps, Mapping):
+        unknown = sorted(set(steps) - set(backbone.expert_order))
+        if unknown:
+            raise ValueError(f"warm-up steps for unknown expert(s) {unknown}; the model's experts are {list(backbone.expert_order)}")
+        per_role = {role: int(steps.get(role, 0)) for role in roles}
+    else:
+        per_role = {role: int(steps) for role in roles}
+    roles = [role for role in roles if per_role[role] > 0]
     side = math.isqrt(backbone.config.num_visual_tokens)
     image_processor = processor.image_processor
     images = [scene.image for scene in scenes]
@@ -147,7 +159,7 @@ def warm_up_towers(model, processor, scenes: Sequence, steps: int = 60, batch_si
             params = [p for p in tower.parameters() if p.requires_grad] + list(probe.parameters())
             optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
             losses = []
-            for _ in tqdm(range(steps), desc=f"warm-up tower [{role}]", disable=not progress, leave=False):
+            for _ in tqdm(range(per_role[role]), desc=f"warm-up tower [{role}]", disable=not progress, leave=False):
                 index = torch.randint(len(scenes), (min(batch_size, len(scenes)),), generator=generator)
                 loss = probe.loss(probe(backbone.get_tower_tokens(role, pixels[index])), targets[index])
                 optimizer.zero_grad(set_to_none=True)

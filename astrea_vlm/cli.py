@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--recipe", default="demo", help="recipe YAML or shipped recipe name (default: demo)")
     demo.add_argument("--output", default="outputs/demo", help="output folder (data, checkpoints, report)")
     demo.add_argument("--seed", type=int, default=0, help="offsets the data, model and training seeds")
-    demo.add_argument("--test-size", type=int, default=64, help="test scenes (7 questions each)")
+    demo.add_argument("--test-size", type=int, default=128, help="test (and validation) scenes, 7 questions each")
     demo.add_argument("--warmup-steps", type=int, help="tower warm-up steps per expert (0: random towers; default: the demo's)")
     demo.set_defaults(func=_demo)
 

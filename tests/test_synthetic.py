@@ -134,6 +134,20 @@ def test_caption_and_tags_name_every_object(scenes):
     assert len(templates) >= 4, templates
 
 
+def test_caption_references_say_the_same_in_every_template(scenes):
+    for scene in scenes:
+        refs = scene.caption_references
+        assert len(refs) == len(set(refs)) == 6 and scene.caption in refs
+        # the same content: every object group and the same optional spatial clause in each reference
+        clause = scene.caption.split(". ", 1)[1] if ". " in scene.caption else None
+        for ref in refs:
+            for obj in scene.objects:
+                assert obj.colour in ref and (obj.shape in ref or syn.PLURALS[obj.shape] in ref), (ref, obj.category)
+            assert (clause is None and ref.count(".") == 1) or (clause is not None and ref.endswith(clause)), ref
+        record = syn.eval_record(next(q for q in scene.qa if q["question_type"] == "caption"), "image.png")
+        assert record["captions"] == refs and record["answer"] == scene.caption
+
+
 # ------------------------------------------------------------------ QA
 def test_every_scene_has_one_record_of_each_question_type(scenes):
     assert syn.question_types == ("counting", "colour", "existence", "relative_position", "grounding", "multiple_choice", "caption")

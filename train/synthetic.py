@@ -29,7 +29,9 @@ Annotations (:class:`Scene`, :class:`SceneObject`)
 --------------------------------------------------
 * ``caption``: one template sentence (six templates, optional size words and a spatial clause),
   naming every object group from left to right, e.g. ``"A red circle, two blue stars and a large
-  green cross on a striped background."``
+  green cross on a striped background."`` ``caption_references``: the same content (the same
+  size words and spatial clause) in all six templates, the caption among them; evaluation
+  records use them as the caption's references, training uses ``caption``.
 * ``tags``: RAM-style word list: the shapes present (in :data:`SHAPES` order), the colours
   present (in :data:`COLOURS` order), then the background's tag (``noise``, ``stripes``,
   ``checkerboard`` or ``gradient``).
@@ -189,6 +191,7 @@ class Scene:
     caption: str
     tags: list[str]
     qa: list[dict[str, Any]] = field(default_factory=list)
+    caption_references: list[str] = field(default_factory=list)  # the caption's content in every template
 
     @property
     def width(self) -> int:
@@ -316,7 +319,8 @@ def _join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _caption(rng: np.random.Generator, objects: list[SceneObject], background: str, width: int, height: int) -> str:
+def _caption(rng: np.random.Generator, objects: list[SceneObject], background: str, width: int, height: int) -> tuple[str, list[str]]:
+    """The scene's caption and its references: the same content in every template (the caption is one of them)."""
     groups: dict[str, list[SceneObject]] = {}
     for obj in objects:
         groups.setdefault(obj.category, []).append(obj)
@@ -340,15 +344,16 @@ def _caption(rng: np.random.Generator, objects: list[SceneObject], background: s
         f"From left to right: {things}.",
         f"{things}, drawn over {_article(adjective)} {adjective} background.",
     ]
-    text = templates[int(rng.integers(len(templates)))]
-    text = text[0].upper() + text[1:]
+    templates = [t[0].upper() + t[1:] for t in templates]
+    chosen = int(rng.integers(len(templates)))
     unique = [g[0] for g in ordered if len(g) == 1]
     if len(unique) >= 2 and rng.random() < 0.5:
         pairs = [(a, b) for a in unique for b in unique if a is not b and relation(a, b, width, height)]
         if pairs:
             a, b = pairs[int(rng.integers(len(pairs)))]
-            text += f" The {a.category} is {_RELATION_PHRASES[relation(a, b, width, height)]} the {b.category}."
-    return text
+            clause = f" The {a.category} is {_RELATION_PHRASES[relation(a, b, width, height)]} the {b.category}."
+            templates = [t + clause for t in templates]
+    return templates[chosen], templates
 
 
 def _tags(objects: list[SceneObject], background: str) -> list[str]:
@@ -425,7 +430,7 @@ def _qa_candidates(objects: list[SceneObject], width: int, height: int) -> dict[
 
 
 def _make_qa(rng: np.random.Generator, balancer: _Balancer, cands: dict[str, list], image_id: str,
-             caption: str) -> list[dict[str, Any]]:
+             caption: str, caption_references: list[str]) -> list[dict[str, Any]]:
     records = []
 
     def record(qtype, question, answer, options=(), box=None, target=None):
@@ -470,6 +475,7 @@ def _make_qa(rng: np.random.Generator, balancer: _Balancer, cands: dict[str, lis
     record("multiple_choice", text, letter, options=options, target=right)
 
     record("caption", _choose(rng, _CAPTION_PROMPTS), caption)
+    records[-1]["references"] = list(caption_references)
     return records
 
 
@@ -539,9 +545,9 @@ def make_scene(rng: np.random.Generator, image_id: str, image_size: int | tuple[
             pixels[full] = colour
         pixels = pixels + rng.normal(0.0, NOISE_SIGMA, pixels.shape)
         image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
-        caption = _caption(rng, objects, background, width, height)
-        scene = Scene(image_id, image, background, objects, caption, _tags(objects, background))
-        scene.qa = _make_qa(rng, balancer, cands, image_id, caption)
+        caption, references = _caption(rng, objects, background, width, height)
+        scene = Scene(image_id, image, background, objects, caption, _tags(objects, background), caption_references=references)
+        scene.qa = _make_qa(rng, balancer, cands, image_id, caption, references)
         return scene
     raise RuntimeError(f"could not draw a scene with {min_objects}-{max_objects} objects at {width}x{height}; use a larger image_size")
 
@@ -614,7 +620,9 @@ def eval_record(qa: dict[str, Any], image: Any = None) -> dict[str, Any]:
     elif metric == "grounding":
         record.update(question=f"the {qa['target']}", box=list(qa["box"]), answer=qa["answer"])
     elif metric == "caption":
-        record.update(question=qa["question"], captions=[qa["answer"]], answer=qa["answer"])
+        # Every template rendering of the scene's content is a reference (as COCO has five
+        # captions an image): a caption is scored on what it says, not on which template it drew.
+        record.update(question=qa["question"], captions=list(qa.get("references") or [qa["answer"]]), answer=qa["answer"])
     else:
         record.update(question=qa["question"], answer=qa["answer"])
     return record

@@ -115,7 +115,9 @@ def test_constant_answers_are_scored_like_astrea_eval(scenes, tmp_path):
 
 def test_ablation_variants_and_table():
     recipe = load_recipe("tiny")
-    assert [v["config"]["fusion_top_k"] for v in ablation_variants("topk", recipe).values()] == [1, 2, 3, 4]
+    topk = ablation_variants("topk", recipe)
+    assert [v["config"].get("fusion_top_k") for v in topk.values()] == [1, 2, None, 4]  # top-3 is the recipe itself
+    assert recipe.model.get("overrides", {}).get("fusion_top_k", 3) == 3
     residual = ablation_variants("residual", recipe)["without residual"]["recipe"]["align"]
     assert "bridge" not in residual.trainable and "projector" in residual.trainable
     demo = load_recipe("demo")

@@ -346,10 +346,10 @@ def ablation_variants(what: str, recipe) -> dict[str, dict[str, Any]]:
     """
     align_groups = list(recipe.align.trainable)
     if what == "topk":
-        from .train.run import merge_overrides, preset_config
+        from .train.run import preset_config
 
         # the recipe's own k is the unchanged recipe (no override), so it shares the baseline run
-        current = preset_config(recipe.model.get("preset", "tiny"), merge_overrides(recipe.model.get("overrides") or {}, {})).fusion_top_k
+        current = preset_config(recipe.model.get("preset", "tiny"), recipe.model.get("overrides") or {}).fusion_top_k
         return {f"top-{k}": {"config": {} if k == current else {"fusion_top_k": k}, "recipe": {}} for k in (1, 2, 3, 4)}
     if what == "order":
         return {

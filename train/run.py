@@ -172,7 +172,7 @@ def _dataset_images(dataset) -> list:
     from PIL import Image as PILImage
 
     raw = dataset.select_columns(["images"]).cast_column("images", List(Image(decode=False)))
-    seen: dict[bytes, None] = {}
+    seen: set[bytes] = set()
     images = []
     for row in raw:
         for item in row["images"] or []:
@@ -180,7 +180,7 @@ def _dataset_images(dataset) -> list:
             if data is None:  # stored as a path: decode it as the Image feature would
                 images.append(Image().decode_example(item))
             elif data not in seen:
-                seen[data] = None
+                seen.add(data)
                 images.append(PILImage.open(io.BytesIO(data)))
     return images
 

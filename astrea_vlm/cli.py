@@ -29,7 +29,7 @@ def _pretrain_llm(args: argparse.Namespace) -> int:
 def _ablate(args: argparse.Namespace) -> int:
     from astrea_vlm.demo import DemoSettings, run_ablation
 
-    run_ablation(args.what, seeds=args.seeds, base=DemoSettings(recipe=args.recipe, output=args.output))
+    run_ablation(args.what, seeds=args.seeds, base=DemoSettings(recipe=args.recipe, output=args.output), rerun=args.rerun)
     return 0
 
 
@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     ablate.add_argument("--seeds", type=int, default=3)
     ablate.add_argument("--recipe", default="demo")
     ablate.add_argument("--output", default="outputs/demo")
+    ablate.add_argument("--rerun", action="store_true",
+                        help="train every run again (default: reuse finished runs made with the same settings)")
     ablate.set_defaults(func=_ablate)
 
     create = sub.add_parser("create", help="write a Hub-ready Astrea folder (random tiny, or assembled from pretrained parts)")

@@ -170,7 +170,7 @@ def roundtrip(final: Path, seed: int, image_position: str = "before", log=print)
     chat = pipeline("image-text-to-text", model=str(final), trust_remote_code=True)
     parts = [{"type": "image", "image": scene.image}, {"type": "text", "text": build_prompt(record["metric"], record)}]
     messages = [{"role": "user", "content": parts if image_position == "before" else parts[::-1]}]
-    out = chat(text=messages, max_new_tokens=8, do_sample=False)
+    out = chat(text=messages, max_new_tokens=8, generate_kwargs={"do_sample": False})
     answer = out[0]["generated_text"][-1]["content"]
     answer = answer if isinstance(answer, str) else " ".join(part.get("text", "") for part in answer)
     log(f"pipeline('image-text-to-text', trust_remote_code=True) on a fresh image: {qa['question']!r}")
@@ -369,13 +369,19 @@ def ablation_variants(what: str, recipe) -> dict[str, dict[str, Any]]:
     raise ValueError(f"unknown ablation {what!r}; choose topk, order, residual or moco")
 
 
-def run_ablation(what: str, seeds: int = 3, base: DemoSettings | None = None, log=print) -> dict:
+def run_ablation(what: str, seeds: int = 3, base: DemoSettings | None = None, rerun: bool = False, log=print) -> dict:
     """Rerun the demo pipeline for every variant of ``what`` and ``seeds`` seeds; write ``ablation-<what>.md``.
 
     Each run is the full demo (own data seed, tower warm-up, alignment, instruction tuning) scored
     on its own test split; the table gives the mean and the standard deviation over seeds of the
     mean accuracy over the six short-answer types, and of each type. Results are reported as
     they come out, whether or not they agree with the paper.
+
+    A run whose folder holds a finished ``summary.json`` made with exactly the same settings and
+    recipe content is reused instead of retrained, so an interrupted ablation resumes where it
+    stopped, ``--seeds 3`` after ``--seeds 1`` trains only the new seeds, and the unchanged recipe
+    (top-3, with residual, with MoCo, cap>cls>det>seg) is trained once per seed for all four
+    ablations. ``rerun=True`` (``--rerun``) trains every run again.
     """
     from .train.schedule import load_recipe
 
@@ -397,9 +403,10 @@ def run_ablation(what: str, seeds: int = 3, base: DemoSettings | None = None, lo
                 config_overrides={**base.config_overrides, **overrides["config"]},
                 recipe_overrides={**base.recipe_overrides, **overrides["recipe"]}, skip_untrained_eval=True, roundtrip=False,
             )
-            summary = _finished_run(settings) if unchanged else None
+            summary = None if rerun else _finished_run(settings)
             if summary is not None:
-                log(f"{name}: the unchanged recipe's run for seed {seed} is in {settings.output} already (same settings); reusing it")
+                log(f"{name}, seed {seed}: a finished run with the same settings is in {settings.output}; reusing it "
+                    "(pass --rerun to train it again)")
             else:
                 summary = run_demo(settings, log=log)
             runs.setdefault(name, []).append(summary["table"]["astrea"])

@@ -344,10 +344,19 @@ class AstreaImageProcessor(BaseImageProcessor):
         height, width = select_best_resolution((image.height, image.width), self.image_grid_pinpoints)
         return 1 + (height // self.tile_size) * (width // self.tile_size)
 
-    def pixels_for_views(self, views: list[Image.Image], return_tensors: str | None = "pt") -> BatchFeature:
-        """Resize and normalise views for every expert -> ``pixel_values_<role>`` ``(n_views, 3, S, S)``."""
+    def pixels_for_views(self, views: list[Image.Image], return_tensors: str | None = "pt", roles=None) -> BatchFeature:
+        """Resize and normalise views for every expert -> ``pixel_values_<role>`` ``(n_views, 3, S, S)``.
+
+        ``roles`` (default: every expert) limits the output to those experts' pixels.
+        """
+        if roles is not None:
+            unknown = sorted(set(roles) - set(self.experts))
+            if unknown:
+                raise ValueError(f"no expert named {unknown}; this image processor's experts are {list(self.experts)}")
         data = {}
         for role, spec in self.experts.items():
+            if roles is not None and role not in roles:
+                continue
             size, resample = spec["size"], _RESAMPLE[spec["resample"]]
             mean = np.asarray(spec["image_mean"], dtype=np.float32)
             std = np.asarray(spec["image_std"], dtype=np.float32)

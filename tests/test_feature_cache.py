@@ -376,7 +376,18 @@ def test_collator_swaps_pixels_for_cached_features(tmp_path, stage):
     collator = CachedFeatureCollator(base, cache, model, processor, tower_roles=tower_roles, projected_roles=projected_roles)
     collator = pickle.loads(pickle.dumps(collator))  # as sent to a spawned dataloader worker
     reference = base(copy.deepcopy(_examples(images)))
+    processed_roles = []
+    pixels_for_views = collator.processor.image_processor.pixels_for_views
+
+    def recording(views, return_tensors="pt", roles=None):
+        processed_roles.append(list(roles) if roles is not None else ROLES)
+        return pixels_for_views(views, return_tensors, roles)
+
+    collator.processor.image_processor.pixels_for_views = recording
     batch = collator(copy.deepcopy(_examples(images)))
+    # the cached experts' pixels were never computed, and the processor is back to normal afterwards
+    assert processed_roles == [[role for role in ROLES if role not in tower_roles + projected_roles]]
+    assert collator.processor._skipped_pixel_roles == frozenset()
     for role in tower_roles + projected_roles:
         assert f"pixel_values_{role}" not in batch
     assert set(batch["tower_features"]) == set(tower_roles)
@@ -409,6 +420,11 @@ def test_collator_refuses_modules_that_train_and_stale_batches(tmp_path):
     collator = CachedFeatureCollator(base, str(tmp_path), model, processor, projected_roles=["caption"])
     examples = [{"images": [image], "image_id": f"img{i}"} for i, image in enumerate(images)]
     assert collator(examples)["expert_features"]["caption"].shape == (2, 16, 64)
+    def one_image_only(examples):  # a base collator that loses an image: 1 view against 2 cached
+        return processor(images=[examples[0]["images"]], text=["<image>"], return_tensors="pt")
+
+    with pytest.raises(ValueError, match="1 views of expert 'caption' but the cache gives 2"):
+        CachedFeatureCollator(one_image_only, cache, model, processor, projected_roles=["caption"])(examples)
     with torch.no_grad():
         model.model.projectors["caption"].layers[0].weight.mul_(2)
     with pytest.raises(StaleFeaturesError, match="projector weights"):  # re-checked per batch

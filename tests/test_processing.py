@@ -228,6 +228,58 @@ def test_chat_template_renders_vicuna_style_and_marks_answers(processor):
         processor.apply_chat_template([{"role": "robot", "content": "hi"}], tokenize=False)
 
 
+def test_assistant_masks_match_the_base_implementation(processor):
+    from transformers.processing_utils import ProcessorMixin
+
+    def chat(n_images, answers):
+        turns = [{"role": "system", "content": "Be brief."}]
+        for turn, answer in enumerate(answers):
+            images = [{"type": "image"}] * (n_images if turn == 0 else 0)
+            turns += [{"role": "user", "content": images + [{"type": "text", "text": f"question {turn}?"}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        return turns
+
+    # a batch with padding, several images before the first answer and several answers per sample
+    conversations = [chat(2, ["red", "a long answer about shapes"]), chat(1, ["yes"]), chat(0, ["no image here", "two"])]
+    images = [[_image(), _image((0, 9, 9))], [_image((5, 5, 5))], []]
+    calls = []
+    original = AstreaProcessor._adjust_assistant_masks_indices
+
+    def capture(self, processed, generation_indices):
+        calls.append(({k: list(v) for k, v in processed.items()}, generation_indices))
+        return original(self, processed, generation_indices)
+
+    AstreaProcessor._adjust_assistant_masks_indices = capture
+    try:
+        out = processor.apply_chat_template(conversations, images=images, tokenize=True, return_dict=True, padding=True,
+                                            return_assistant_tokens_mask=True)
+    finally:
+        AstreaProcessor._adjust_assistant_masks_indices = original
+    processed, generation_indices = calls[0]
+    expected = ProcessorMixin._adjust_assistant_masks_indices(processor, dict(processed), generation_indices)["assistant_masks"]
+    assert out["assistant_masks"] == expected
+    decoded = [processor.decode([t for t, m in zip(ids, mask) if m]) for ids, mask in zip(out["input_ids"], out["assistant_masks"])]
+    assert decoded == [" red</s> a long answer about shapes</s>", " yes</s>", " no image here</s> two</s>"]
+
+
+def test_skip_pixels_leaves_out_only_those_experts(processor):
+    images, text = [_image(), _image((1, 2, 3))], ["<image> a", "<image> b"]
+    full = processor(images=images, text=text)
+    with processor.skip_pixels(["caption", "detection"]):
+        with processor.skip_pixels(["segmentation"]):  # nested blocks add up
+            inner = processor(images=images, text=text)
+        partial = processor(images=images, text=text)
+    again = processor(images=images, text=text)
+    assert set(inner) == {"input_ids", "attention_mask", "pixel_values_classification"}
+    assert set(partial) == set(inner) | {"pixel_values_segmentation"}
+    for key in partial:
+        assert torch.equal(partial[key], full[key]), key
+    assert set(again) == set(full)
+    with pytest.raises(ValueError, match="no expert named \\['ocr'\\]"):
+        with processor.skip_pixels(["ocr"]):
+            pass
+
+
 def test_processor_save_and_reload_gives_identical_outputs(processor, tmp_path):
     processor.save_pretrained(tmp_path)
     from transformers import AutoProcessor

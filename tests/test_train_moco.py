@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from astrea_vlm.train.distributed_check import textured_colour_dataset
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from trl import SFTConfig
 
 from astrea_vlm.configuration import get_preset
@@ -133,7 +133,14 @@ def test_alignment_stage_trains_only_its_projector_and_bridge(tmp_path):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = AstreaSFTTrainer(model=model, args=_args(tmp_path, max_steps=3), train_dataset=_dataset(), processing_class=processor)
     assert trainer.moco is None  # no fusion while aligning
+    counted = []
+    num_parameters = model.num_parameters
+    model.num_parameters = lambda **kwargs: counted.append(kwargs) or num_parameters(**kwargs)
     trainer.train()
+    # total_flos: the Trainer's formula, with the parameters counted once per train() rather than per step
+    assert counted == [{"exclude_embeddings": True}] and trainer.state.total_flos > 0
+    batch = {"input_ids": torch.ones(2, 7, dtype=torch.long)}
+    assert trainer.floating_point_ops(batch) == Trainer.floating_point_ops(trainer, batch) == 6 * 14 * num_parameters(exclude_embeddings=True)
     for name, param in model.named_parameters():
         ours = name.startswith((f"model.projectors.{role}.", f"model.bridges.{role}."))
         if ours and "gate" not in name:

@@ -800,30 +800,58 @@ class CachedFeatureCollator:
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_model_ref"] = None
+        state["_model_ref"], state["_versions"] = None, None
         return state
+
+    @staticmethod
+    def _tensor_versions(backbone: nn.Module, role: str, kind: str):
+        """Storage and in-place version of every tensor the ``kind`` features of ``role`` depend on."""
+        modules = [backbone.towers[role]] + ([backbone.projectors[role]] if kind == "projected" else [])
+        try:
+            return tuple((t.data_ptr(), t._version) for module in modules for t in itertools.chain(module.parameters(), module.buffers()))
+        except RuntimeError:  # inference tensors have no version counter
+            return None
 
     def _current_keys(self) -> dict[tuple[str, str], CacheKey]:
         backbone = self._model_ref() if self._model_ref is not None else None
         if backbone is not None:
-            self.keys = {(role, kind): cache_key(backbone, self.processor, role, kind) for role, kind in self.keys}
+            # The full key (config and weights fingerprint) is recomputed only when a tensor was
+            # written or replaced since the last batch: hashing configs every batch cost ~10 ms a step.
+            versions = {(role, kind): self._tensor_versions(backbone, role, kind) for role, kind in self.keys}
+            if versions != getattr(self, "_versions", None) or None in versions.values():
+                self.keys = {(role, kind): cache_key(backbone, self.processor, role, kind) for role, kind in self.keys}
+                self._versions = versions
         return self.keys
+
+    def _batch_views(self, batch) -> int | None:
+        """Views in the batch, from its ``<image>`` tokens (None when the processor does not say how many a view has)."""
+        token_id, per_view = getattr(self.processor, "image_token_id", None), getattr(self.processor, "num_visual_tokens", None)
+        if token_id is None or not per_view or "input_ids" not in batch:
+            return None
+        return int((torch.as_tensor(batch["input_ids"]) == token_id).sum()) // per_view
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         images = [_example_images(example) for example in examples]  # before the base collator mutates them
         names = [str(example.get("image_id", f"example {i}")) + (f" image {j}" if len(imgs) > 1 else "")
                  for i, (example, imgs) in enumerate(zip(examples, images)) for j in range(len(imgs))]
-        batch = self.base_collator(examples)
+        cached_roles = self.tower_roles + self.projected_roles
+        # An AstreaProcessor can leave the cached experts' pixels out instead of resizing and
+        # normalising every image for them only to have them dropped here.
+        skipping = getattr(self.processor, "skip_pixels", None)
+        with skipping(cached_roles) if skipping is not None else contextlib.nullcontext():
+            batch = self.base_collator(examples)
         flat = [image for item in images for image in item]
         if not flat:
             return batch
         hashes = [image_hash(image) for image in flat]
+        views = self._batch_views(batch)
         for (role, kind), key in self._current_keys().items():
             features = self.cache.lookup_hashes(key, hashes, names)
             pixels = batch.pop(f"pixel_values_{role}", None)
-            if pixels is not None and pixels.shape[0] != features.shape[0]:
+            n_views = pixels.shape[0] if pixels is not None else views
+            if n_views is not None and n_views != features.shape[0]:
                 raise ValueError(
-                    f"the batch has {pixels.shape[0]} views of expert {role!r} but the cache gives {features.shape[0]}: "
+                    f"the batch has {n_views} views of expert {role!r} but the cache gives {features.shape[0]}: "
                     f"the base collator's images are not the examples' `images` in order"
                 )
             target = batch.get(BATCH_KEYS[kind]) or {}

@@ -374,8 +374,12 @@ def run_ablation(what: str, seeds: int = 3, base: DemoSettings | None = None, re
 
     Each run is the full demo (own data seed, tower warm-up, alignment, instruction tuning) scored
     on its own test split; the table gives the mean and the standard deviation over seeds of the
-    mean accuracy over the six short-answer types, and of each type. Results are reported as
-    they come out, whether or not they agree with the paper.
+    mean accuracy over the six short-answer types, and of each type. Below it, each variant is
+    compared with the unchanged recipe on the same test questions (paired bootstrap,
+    :mod:`astrea_vlm.eval.compare`; the seeds' questions pooled, ids prefixed with the seed;
+    captions by per-image CIDEr-D with document frequencies over the pooled references), so a
+    difference can be read against its 95% interval. Results are reported as they come out,
+    whether or not they agree with the paper.
 
     A run whose folder holds a finished ``summary.json`` made with exactly the same settings and
     recipe content is reused instead of retrained, so an interrupted ablation resumes where it
@@ -383,6 +387,7 @@ def run_ablation(what: str, seeds: int = 3, base: DemoSettings | None = None, re
     (top-3, with residual, with MoCo, cap>cls>det>seg) is trained once per seed for all four
     ablations. ``rerun=True`` (``--rerun``) trains every run again.
     """
+    from .eval.compare import paired_bootstrap
     from .train.schedule import load_recipe
 
     base = base or DemoSettings()
@@ -391,7 +396,9 @@ def run_ablation(what: str, seeds: int = 3, base: DemoSettings | None = None, re
     recipe = load_recipe(base.recipe)
     root = Path(base.output) / f"ablation-{what}"
     runs: dict[str, list[dict[str, float]]] = {}
-    for name, overrides in ablation_variants(what, recipe).items():
+    samples: dict[str, list[dict]] = {}
+    variants = ablation_variants(what, recipe)
+    for name, overrides in variants.items():
         for seed in range(seeds):
             _log_section(log, f"ablation {what}: {name}, seed {seed}")
             # The unchanged recipe is a variant of every ablation (top-3, with residual, with MoCo,
@@ -410,13 +417,47 @@ def run_ablation(what: str, seeds: int = 3, base: DemoSettings | None = None, re
             else:
                 summary = run_demo(settings, log=log)
             runs.setdefault(name, []).append(summary["table"]["astrea"])
-    result = {"what": what, "seeds": seeds, "runs": runs, "table": ablation_table(runs)}
+            samples.setdefault(name, []).extend(_run_samples(Path(settings.output), seed))
+    reference = next(name for name, overrides in variants.items() if not overrides["config"] and not overrides["recipe"])
+    versus = {name: paired_bootstrap(pooled, samples[reference], seed=0) for name, pooled in samples.items() if name != reference}
+    result = {"what": what, "seeds": seeds, "runs": runs, "table": ablation_table(runs), "reference": reference,
+              "versus_reference": versus, "comparison": ablation_comparison_markdown(versus, reference)}
     root.mkdir(parents=True, exist_ok=True)
     (root / "ablation.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
-    (root / "ablation.md").write_text(f"# astrea ablate --what {what} --seeds {seeds}\n\n{result['table']}\n", encoding="utf-8")
+    (root / "ablation.md").write_text(
+        f"# astrea ablate --what {what} --seeds {seeds}\n\n{result['table']}\n\n"
+        f"Each variant against the unchanged recipe ({reference}), paired on the same test questions "
+        f"(all seeds pooled; 2000 bootstrap resamples; bold: the 95% interval excludes 0):\n\n{result['comparison']}\n",
+        encoding="utf-8")
     log("\n" + result["table"])
+    log("\n" + result["comparison"])
     log(f"\nwritten to {root / 'ablation.md'}")
     return result
+
+
+def _run_samples(output: Path, seed: int) -> list[dict]:
+    """The per-question samples of a run's test evaluation, ids prefixed with the seed (seeds draw different scenes)."""
+    path = output / "eval" / "astrea" / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the run in {output} did not finish its evaluation; "
+                                f"delete {output} (or pass --rerun) to train it again")
+    return [{**sample, "id": f"seed-{seed}/{sample['id']}"} for sample in json.loads(path.read_text(encoding="utf-8"))["samples"]]
+
+
+def ablation_comparison_markdown(versus: dict[str, dict[str, dict[str, float]]], reference: str) -> str:
+    """Markdown: per variant and question type, ``difference [low, high]`` against ``reference``; bold where
+    the 95% interval excludes 0."""
+    if not versus:
+        return ""
+    types = list(next(iter(versus.values())))
+
+    def cell(row: dict[str, float]) -> str:
+        text = f"{row['difference']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]"
+        return f"**{text}**" if row["low"] > 0 or row["high"] < 0 else text
+
+    lines = ["| variant - " + reference + " | " + " | ".join(types) + " |", "|---|" + "---:|" * len(types)]
+    lines += [f"| {name} | " + " | ".join(cell(rows[t]) for t in types) + " |" for name, rows in versus.items()]
+    return "\n".join(lines)
 
 
 def _settings_record(settings: DemoSettings) -> str:
@@ -454,4 +495,4 @@ def ablation_table(runs: dict[str, list[dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DemoSettings", "ablation_table", "ablation_variants", "run_ablation", "majority_answers", "run_demo", "score_constant", "summary_table", "write_eval_split"]
+__all__ = ["DemoSettings", "ablation_comparison_markdown", "ablation_table", "ablation_variants", "run_ablation", "majority_answers", "run_demo", "score_constant", "summary_table", "write_eval_split"]

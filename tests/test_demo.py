@@ -14,6 +14,7 @@ import torch
 
 from astrea_vlm.demo import (
     DemoSettings,
+    ablation_comparison_markdown,
     ablation_table,
     ablation_variants,
     majority_answers,
@@ -131,6 +132,10 @@ def test_ablation_variants_and_table():
         ablation_variants("dropout", recipe)
     table = ablation_table({"a": [{"counting": 0.5, "caption": 1.0}, {"counting": 0.7, "caption": 1.2}]})
     assert "| a | 0.600 ± 0.141 | 0.600 ± 0.141 | 1.100 ± 0.141 |" in table
+    comparison = ablation_comparison_markdown({"b": {"counting": {"difference": 0.1, "low": 0.02, "high": 0.2, "n": 9},
+                                                     "colour": {"difference": -0.05, "low": -0.1, "high": 0.01, "n": 9}}}, "a")
+    assert comparison.splitlines()[0] == "| variant - a | counting | colour |"
+    assert comparison.splitlines()[2] == "| b | **+0.100 [+0.020, +0.200]** | -0.050 [-0.100, +0.010] |"  # bold: interval excludes 0
 
 
 def test_demo_pipeline_end_to_end_at_toy_size(tmp_path):
@@ -182,6 +187,15 @@ def test_ablation_runs_every_variant_and_writes_its_table(tmp_path):
     root = tmp_path / "ablation-moco"
     table = (root / "ablation.md").read_text()
     assert "| with MoCo |" in table and "| without MoCo |" in table and (root / "ablation.json").is_file()
+    # each variant against the unchanged recipe, paired on the same questions
+    assert result["reference"] == "with MoCo" and set(result["versus_reference"]) == {"without MoCo"}
+    versus = result["versus_reference"]["without MoCo"]
+    assert set(versus) == set(result["runs"]["with MoCo"][0])
+    for qtype, row in versus.items():
+        if qtype != "caption":  # the paired difference of means is the difference of the two tables' accuracies
+            assert row["difference"] == pytest.approx(result["runs"]["without MoCo"][0][qtype] - result["runs"]["with MoCo"][0][qtype])
+        assert row["low"] <= row["difference"] <= row["high"] and row["n"] == 2
+    assert "| variant - with MoCo |" in table and result["comparison"] in table
     # the variant really changed the training: only the MoCo run logged a MoCo loss
     folders = {"with": tmp_path / "ablation-baseline" / "seed-0", "without": root / "without_MoCo" / "seed-0"}
     logs = {name: json.loads((folder / "train" / "instruct" / "stage_done.json").read_text())["log_history"]
@@ -195,6 +209,13 @@ def test_ablation_runs_every_variant_and_writes_its_table(tmp_path):
     residual = run_ablation("residual", seeds=1, base=base, log=lines.append)
     assert baseline.stat().st_mtime_ns == stamp and any("reusing it" in line for line in lines)
     assert residual["runs"]["with residual"] == result["runs"]["with MoCo"]
+    # a finished variant run is reused too: rerunning the ablation trains nothing
+    variant = folders["without"] / "summary.json"
+    stamp_variant = variant.stat().st_mtime_ns
+    lines.clear()
+    again = run_ablation("moco", seeds=1, base=base, log=lines.append)
+    assert again["runs"] == result["runs"] and variant.stat().st_mtime_ns == stamp_variant
+    assert sum("reusing it" in line for line in lines) == 2
     # ...but not when the settings differ: another test size is another run
     other = dataclasses.replace(base, test_size=3)
     from astrea_vlm.demo import _finished_run

@@ -352,11 +352,14 @@ def ablation_variants(what: str, recipe) -> dict[str, dict[str, Any]]:
         current = preset_config(recipe.model.get("preset", "tiny"), recipe.model.get("overrides") or {}).fusion_top_k
         return {f"top-{k}": {"config": {} if k == current else {"fusion_top_k": k}, "recipe": {}} for k in (1, 2, 3, 4)}
     if what == "order":
-        return {
-            "cap>cls>det>seg": {"config": {}, "recipe": {"order": ["caption", "classification", "detection", "segmentation"]}},
-            "seg>det>cls>cap": {"config": {}, "recipe": {"order": ["segmentation", "detection", "classification", "caption"]}},
-            "cap>all": {"config": {}, "recipe": {"order": ["caption", ["classification", "detection", "segmentation"]]}},
+        orders = {
+            "cap>cls>det>seg": ["caption", "classification", "detection", "segmentation"],
+            "seg>det>cls>cap": ["segmentation", "detection", "classification", "caption"],
+            "cap>all": ["caption", ["classification", "detection", "segmentation"]],
         }
+        # the recipe's own order is the unchanged recipe (no override), so it shares the baseline run
+        return {name: {"config": {}, "recipe": {} if order == list(recipe.order) else {"order": order}}
+                for name, order in orders.items()}
     if what == "residual":
         without = {
             "align": dataclasses.replace(recipe.align, trainable=[g for g in align_groups if g != "bridge"]),

@@ -127,7 +127,11 @@ def test_ablation_variants_and_table():
     assert "bridge" not in without["align"].trainable and "bridge" not in without["instruct"].trainable  # ...but not here
     assert without["instruct"].trainable == [g for g in demo.instruct.trainable if g != "bridge"]
     assert ablation_variants("moco", recipe)["without MoCo"]["recipe"]["instruct"].use_moco is False
-    assert ablation_variants("order", recipe)["cap>all"]["recipe"]["order"][1] == ["classification", "detection", "segmentation"]
+    orders = ablation_variants("order", recipe)
+    assert orders["cap>all"]["recipe"]["order"][1] == ["classification", "detection", "segmentation"]
+    assert orders["cap>cls>det>seg"]["recipe"] == {}  # the recipe's own order: the shared baseline run
+    reversed_recipe = dataclasses.replace(recipe, order=orders["seg>det>cls>cap"]["recipe"]["order"])
+    assert ablation_variants("order", reversed_recipe)["cap>cls>det>seg"]["recipe"]["order"][0] == "caption"
     with pytest.raises(ValueError, match="unknown ablation"):
         ablation_variants("dropout", recipe)
     table = ablation_table({"a": [{"counting": 0.5, "caption": 1.0}, {"counting": 0.7, "caption": 1.2}]})

@@ -421,7 +421,7 @@ def run_ablation(what: str, seeds: int = 3, base: DemoSettings | None = None, re
                 summary = run_demo(settings, log=log)
             runs.setdefault(name, []).append(summary["table"]["astrea"])
             samples.setdefault(name, []).extend(_run_samples(Path(settings.output), seed))
-    reference = next(name for name, overrides in variants.items() if not overrides["config"] and not overrides["recipe"])
+    reference = reference_variant(variants)
     versus = {name: paired_bootstrap(pooled, samples[reference], seed=0) for name, pooled in samples.items() if name != reference}
     result = {"what": what, "seeds": seeds, "runs": runs, "table": ablation_table(runs), "reference": reference,
               "versus_reference": versus, "comparison": ablation_comparison_markdown(versus, reference)}
@@ -436,6 +436,13 @@ def run_ablation(what: str, seeds: int = 3, base: DemoSettings | None = None, re
     log("\n" + result["comparison"])
     log(f"\nwritten to {root / 'ablation.md'}")
     return result
+
+
+def reference_variant(variants: dict[str, dict[str, Any]]) -> str:
+    """The variant the others are compared with: the unchanged recipe (no overrides); for a recipe that is
+    none of the variants (say, a stage order outside Table 6) the first variant."""
+    unchanged = [name for name, overrides in variants.items() if not overrides["config"] and not overrides["recipe"]]
+    return unchanged[0] if unchanged else next(iter(variants))
 
 
 def _run_samples(output: Path, seed: int) -> list[dict]:
@@ -498,4 +505,4 @@ def ablation_table(runs: dict[str, list[dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DemoSettings", "ablation_comparison_markdown", "ablation_table", "ablation_variants", "run_ablation", "majority_answers", "run_demo", "score_constant", "summary_table", "write_eval_split"]
+__all__ = ["DemoSettings", "ablation_comparison_markdown", "ablation_table", "ablation_variants", "run_ablation", "majority_answers", "reference_variant", "run_demo", "score_constant", "summary_table", "write_eval_split"]

@@ -18,6 +18,7 @@ from astrea_vlm.demo import (
     ablation_table,
     ablation_variants,
     majority_answers,
+    reference_variant,
     run_demo,
     score_constant,
     write_eval_split,
@@ -132,6 +133,11 @@ def test_ablation_variants_and_table():
     assert orders["cap>cls>det>seg"]["recipe"] == {}  # the recipe's own order: the shared baseline run
     reversed_recipe = dataclasses.replace(recipe, order=orders["seg>det>cls>cap"]["recipe"]["order"])
     assert ablation_variants("order", reversed_recipe)["cap>cls>det>seg"]["recipe"]["order"][0] == "caption"
+    assert reference_variant(orders) == "cap>cls>det>seg" and reference_variant(ablation_variants("order", reversed_recipe)) == "seg>det>cls>cap"
+    cap_all = dataclasses.replace(recipe, order=orders["cap>all"]["recipe"]["order"])
+    assert reference_variant(ablation_variants("order", cap_all)) == "cap>all"
+    assert reference_variant({"x": {"config": {"a": 1}, "recipe": {}}, "y": {"config": {"a": 2}, "recipe": {}}}) == "x"  # none unchanged
+    assert reference_variant(ablation_variants("topk", recipe)) == "top-3"
     with pytest.raises(ValueError, match="unknown ablation"):
         ablation_variants("dropout", recipe)
     table = ablation_table({"a": [{"counting": 0.5, "caption": 1.0}, {"counting": 0.7, "caption": 1.2}]})

@@ -121,7 +121,7 @@ class AstreaProcessor(ProcessorMixin):
         unknown = sorted(roles - set(self.image_processor.experts))
         if unknown:
             raise ValueError(f"no expert named {unknown}; this processor's experts are {list(self.image_processor.experts)}")
-        previous = self._skipped_pixel_roles
+        previous = getattr(self, "_skipped_pixel_roles", frozenset())
         self._skipped_pixel_roles = previous | roles
         try:
             yield self

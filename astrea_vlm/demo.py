@@ -406,8 +406,7 @@ def run_ablation(what: str, seeds: int = 3, base: DemoSettings | None = None, re
             _log_section(log, f"ablation {what}: {name}, seed {seed}")
             # The unchanged recipe is a variant of every ablation (top-3, with residual, with MoCo,
             # cap>cls>det>seg): its runs live in one shared folder and are trained once per seed.
-            unchanged = not overrides["config"] and not overrides["recipe"]
-            folder = Path(base.output) / "ablation-baseline" if unchanged else root / name.replace(">", "-").replace(" ", "_")
+            folder = Path(base.output) / "ablation-baseline" if _unchanged(overrides) else root / name.replace(">", "-").replace(" ", "_")
             settings = dataclasses.replace(
                 base, output=str(folder / f"seed-{seed}"), seed=seed,
                 config_overrides={**base.config_overrides, **overrides["config"]},
@@ -441,8 +440,13 @@ def run_ablation(what: str, seeds: int = 3, base: DemoSettings | None = None, re
 def reference_variant(variants: dict[str, dict[str, Any]]) -> str:
     """The variant the others are compared with: the unchanged recipe (no overrides); for a recipe that is
     none of the variants (say, a stage order outside Table 6) the first variant."""
-    unchanged = [name for name, overrides in variants.items() if not overrides["config"] and not overrides["recipe"]]
+    unchanged = [name for name, overrides in variants.items() if _unchanged(overrides)]
     return unchanged[0] if unchanged else next(iter(variants))
+
+
+def _unchanged(overrides: dict[str, Any]) -> bool:
+    """Whether a variant's overrides leave the recipe as it is (no config and no recipe override)."""
+    return not overrides["config"] and not overrides["recipe"]
 
 
 def _run_samples(output: Path, seed: int) -> list[dict]:

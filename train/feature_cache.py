@@ -797,6 +797,7 @@ class CachedFeatureCollator:
         self.keys = {(role, kind): cache_key(backbone, processor, role, kind)
                      for kind, roles in (("tower", self.tower_roles), ("projected", self.projected_roles)) for role in roles}
         self._model_ref = weakref.ref(backbone) if check_versions else None
+        self._versions = None  # the tensor versions ``keys`` was last computed at (None: recompute at the next batch)
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -818,7 +819,7 @@ class CachedFeatureCollator:
             # The full key (config and weights fingerprint) is recomputed only when a tensor was
             # written or replaced since the last batch: hashing configs every batch cost ~10 ms a step.
             versions = {(role, kind): self._tensor_versions(backbone, role, kind) for role, kind in self.keys}
-            if versions != getattr(self, "_versions", None) or None in versions.values():
+            if versions != self._versions or None in versions.values():
                 self.keys = {(role, kind): cache_key(backbone, self.processor, role, kind) for role, kind in self.keys}
                 self._versions = versions
         return self.keys

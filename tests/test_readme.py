@@ -40,9 +40,10 @@ def test_readme_usage_example_runs(capsys):
 def test_readme_commands_are_the_ci_commands():
     text = README.read_text()
     ci = (README.parent / ".ci" / "run").read_text()
-    test_command = 'pip install -e ".[dev]" && python -m pytest -q'
+    test_command = 'pip install -e ".[dev]" -c constraints.txt && python -m pytest -q'
     assert test_command in text and test_command in ci
-    assert 'pip install -e ".[demo]" && astrea demo' in text
+    assert 'pip install -e ".[demo]" -c constraints.txt && astrea demo' in text
+    assert (README.parent / "constraints.txt").is_file()
 
 
 def test_demo_command_line_reaches_run_demo_with_its_settings(monkeypatch):

@@ -81,82 +81,113 @@ def _cache_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="astrea", description="Astrea: a mixture-of-experts VLM with progressive pre-alignment")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train and evaluate a tiny Astrea end to end on the synthetic world (offline, minutes)")
-    demo.add_argument("--recipe", default="demo", help="recipe YAML or shipped recipe name (default: demo)")
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to an option's help unless the help already states its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.option_strings and not any(action.default is x for x in (None, False, True, argparse.SUPPRESS))
+        if shown and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``astrea`` argument parser (building it imports nothing heavy)."""
+    from astrea_vlm import __version__
+
+    parser = argparse.ArgumentParser(prog="astrea", description="Astrea: a mixture-of-experts VLM with progressive pre-alignment",
+                                     formatter_class=_DefaultsFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=_DefaultsFormatter)
+
+    demo = command("demo", "train and evaluate a tiny Astrea end to end on the synthetic world (offline, minutes)")
+    demo.add_argument("--recipe", default="demo", help="recipe YAML or shipped recipe name")
     demo.add_argument("--output", default="outputs/demo", help="output folder (data, checkpoints, report)")
     demo.add_argument("--seed", type=int, default=0, help="offsets the data, model and training seeds")
     demo.add_argument("--test-size", type=int, default=128, help="test (and validation) scenes, 7 questions each")
-    demo.add_argument("--warmup-steps", type=int, help="tower warm-up steps per expert (0: random towers; default: the demo's)")
+    demo.add_argument("--warmup-steps", type=int, help="tower warm-up steps for every expert, 0 for random towers "
+                      "(default: caption and segmentation 1200, classification and detection 300)")
     demo.set_defaults(func=_demo)
 
-    pretrain = sub.add_parser("pretrain-llm", help="pretrain the demo's toy LLM on the synthetic world's language (see "
-                              "astrea_vlm.train.pretrain_llm); the demo ships the result")
+    pretrain = command("pretrain-llm", "pretrain the demo's toy LLM on the synthetic world's language (see "
+                       "astrea_vlm.train.pretrain_llm); the demo ships the result")
     pretrain.add_argument("--output", required=True, help="folder for model.safetensors, the tokenizer and pretrain.json "
                           "(the shipped one is astrea_vlm/train/world_llm)")
-    pretrain.add_argument("--scenes", type=int, help="pretraining scenes (default: PretrainSettings.scenes)")
-    pretrain.add_argument("--steps", type=int, help="optimizer steps (default: PretrainSettings.steps)")
-    pretrain.add_argument("--seed", type=int, help="scene and init seed (default: PretrainSettings.seed)")
+    pretrain.add_argument("--scenes", type=int, help="pretraining scenes (default: 8000, PretrainSettings.scenes)")
+    pretrain.add_argument("--steps", type=int, help="optimizer steps (default: 12000, PretrainSettings.steps)")
+    pretrain.add_argument("--seed", type=int, help="scene and init seed (default: 1000, PretrainSettings.seed)")
     pretrain.set_defaults(func=_pretrain_llm)
 
-    ablate = sub.add_parser("ablate", help="rerun the demo pipeline with the paper's ablation variants (Tables 3, 4, 6)")
-    ablate.add_argument("--what", required=True, choices=["topk", "order", "residual", "moco"])
-    ablate.add_argument("--seeds", type=int, default=3)
-    ablate.add_argument("--recipe", default="demo")
-    ablate.add_argument("--output", default="outputs/demo")
+    ablate = command("ablate", "rerun the demo pipeline with the paper's ablation variants (Tables 3, 4, 6)")
+    ablate.add_argument("--what", required=True, choices=["topk", "order", "residual", "moco"],
+                        help="top-k routing (Table 3), residual bridges or MoCo (Table 4), stage order (Table 6)")
+    ablate.add_argument("--seeds", type=int, default=3, help="seeds per variant (0 .. N-1)")
+    ablate.add_argument("--recipe", default="demo", help="recipe YAML or shipped recipe name the variants change")
+    ablate.add_argument("--output", default="outputs/demo", help="runs go to <output>/ablation-<what> and <output>/ablation-baseline")
     ablate.add_argument("--rerun", action="store_true",
                         help="train every run again (default: reuse finished runs made with the same settings)")
     ablate.set_defaults(func=_ablate)
 
-    create = sub.add_parser("create", help="write a Hub-ready Astrea folder (random tiny, or assembled from pretrained parts)")
-    create.add_argument("--preset", required=True, choices=["tiny", "astrea-13b", "astrea-34b"])
+    create = command("create", "write a Hub-ready Astrea folder (random tiny, or assembled from pretrained parts)")
+    create.add_argument("--preset", required=True, choices=["tiny", "astrea-13b", "astrea-34b"],
+                        help="tiny: random and offline; astrea-13b / astrea-34b: the paper's pretrained parts")
     create.add_argument("--output", required=True, help="new folder to write")
-    create.add_argument("--seed", type=int, default=0)
+    create.add_argument("--seed", type=int, default=0, help="seed of the random weights (projectors, bridges, fusion)")
     create.add_argument("--llm", help="Hub id or local folder of the LLM (default: the preset's)")
     create.add_argument("--tokenizer", help="Hub id or local folder of the tokenizer (default: the LLM's)")
     for role in ("caption", "classification", "detection", "segmentation"):
         create.add_argument(f"--{role}", help=f"Hub id or local path of the {role} tower's weights (default: the preset's)")
-    create.add_argument("--dtype", default="auto", help="weights dtype for paper presets (default bfloat16)")
+    create.add_argument("--dtype", default="auto", help="weights dtype of a paper preset: auto (bfloat16), float32, ...")
     create.set_defaults(func=_create)
 
-    align = sub.add_parser("align", help="progressive pre-alignment: caption -> classification -> detection -> segmentation")
+    align = command("align", "progressive pre-alignment: caption -> classification -> detection -> segmentation")
     align.add_argument("--recipe", required=True, help="recipe YAML, or a shipped recipe name (tiny, astrea-13b)")
     align.add_argument("--output", help="output folder (default: the recipe's output_dir)")
     align.add_argument("--resume", action="store_true", help="skip finished stages and resume the current one from its last checkpoint")
     align.set_defaults(func=_align)
 
-    instruct = sub.add_parser("instruct", help="instruction tuning with MoE fusion and momentum contrast")
+    instruct = command("instruct", "instruction tuning with MoE fusion and momentum contrast")
     instruct.add_argument("--recipe", required=True, help="recipe YAML, or a shipped recipe name (tiny, astrea-13b)")
     instruct.add_argument("--output", help="output folder (default: the recipe's output_dir)")
     instruct.add_argument("--init-from", help="aligned folder to start from (default: <output>/aligned; aligned first if missing)")
     instruct.add_argument("--resume", action="store_true", help="resume from the last checkpoint")
     instruct.set_defaults(func=_instruct)
 
-    evaluate = sub.add_parser("eval", help="evaluate a model folder on a local dataset (batched greedy generation)")
+    evaluate = command("eval", "evaluate a model folder on a local dataset (batched greedy generation)")
     evaluate.add_argument("--model", required=True, help="model folder (written by `astrea create` or training)")
-    evaluate.add_argument("--task", required=True, choices=["vqa", "exact_match", "multiple_choice", "grounding", "caption", "qa"])
+    evaluate.add_argument("--task", required=True, choices=["vqa", "exact_match", "multiple_choice", "grounding", "caption", "qa"],
+                          help="metric: vqa, exact_match, multiple_choice, grounding, caption, or qa (each record's question_type)")
     evaluate.add_argument("--data", required=True, help="local JSON / JSONL file or `datasets` folder (see astrea_vlm.eval.data)")
-    evaluate.add_argument("--batch-size", type=int, default=8)
-    evaluate.add_argument("--output", help="results folder (default: <model>/eval/<task>)")
-    evaluate.add_argument("--max-new-tokens", type=int, default=32)
-    evaluate.add_argument("--limit", type=int, help="evaluate only the first N records")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+    evaluate.add_argument("--output", help="results folder (default: outputs/eval/<model>/<task>, outside the model folder)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=32, help="longest generated answer, in tokens")
+    evaluate.add_argument("--limit", type=int, help="evaluate only the first N records (default: all)")
     evaluate.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     evaluate.set_defaults(func=_eval)
-    cache = sub.add_parser("cache", help="feature cache of the frozen experts (see astrea_vlm.train.feature_cache)")
-    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
-    cache_build = cache_sub.add_parser("build", help="compute and store tower tokens / projected features once per image")
+
+    cache = command("cache", "feature cache of the frozen experts (see astrea_vlm.train.feature_cache)")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="SUBCOMMAND")
+    cache_build = cache_sub.add_parser("build", help="compute and store tower tokens / projected features once per image",
+                                       formatter_class=_DefaultsFormatter)
     cache_build.add_argument("--model", required=True, help="model folder (written by `astrea create` or training)")
     cache_build.add_argument("--data", required=True, help="JSON / JSONL list of image paths or records with 'image' / 'images' "
                              "(relative to the file), a `datasets` folder with an 'images' or 'image' column, or a folder of images")
     cache_build.add_argument("--output", required=True, help="cache folder (created or extended)")
     cache_build.add_argument("--roles", help="comma-separated experts (default: all)")
-    cache_build.add_argument("--kind", default="tower", choices=["tower", "projected"])
-    cache_build.add_argument("--batch-size", type=int, default=8)
+    cache_build.add_argument("--kind", default="tower", choices=["tower", "projected"],
+                             help="tower tokens, or projected features C_i (the projector's output)")
+    cache_build.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     cache_build.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     cache_build.set_defaults(func=_cache_build)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:

@@ -201,6 +201,21 @@ def generate_batch(model, processor, prompts: list[str], images: list[list], max
 
 
 # -------------------------------------------------------------------------------------- a run
+def default_output(model_dir: str | Path, task: str) -> Path:
+    """``outputs/eval/<model>/<task>``: ``<model>`` is the model folder's path relative to the working
+    directory without a leading ``outputs/`` (``outputs/demo/train/final`` -> ``demo/train/final``),
+    the folder's name for one elsewhere, or the Hub id. The model folder itself is never written to."""
+    path = Path(model_dir)
+    try:
+        parts = path.resolve().relative_to(Path.cwd().resolve()).parts if path.exists() else path.parts
+    except ValueError:  # outside the working directory
+        parts = (path.resolve().name,)
+    parts = tuple(p for p in parts if p not in ("", ".", ".."))
+    if parts[:1] == ("outputs",) and len(parts) > 1:
+        parts = parts[1:]
+    return Path("outputs", "eval", *(parts or ("model",)), task)
+
+
 def run_eval(
     model_dir: str | Path,
     task: str,
@@ -217,7 +232,8 @@ def run_eval(
     image_position: str = "before",
 ) -> dict:
     """Evaluate ``model_dir`` on ``data`` for ``task`` and write ``results.json`` / ``results.md`` to
-    ``output`` (default ``<model_dir>/eval/<task>``). Returns the results dict.
+    ``output`` (default :func:`default_output`: ``outputs/eval/<model>/<task>``, outside the model
+    folder). Returns the results dict.
 
     ``model``/``processor`` may be passed already loaded (then ``model_dir`` is only recorded).
     ``image_position``: the images go ``"before"`` (default, as in LLaVA) or ``"after"`` the prompt
@@ -268,7 +284,7 @@ def run_eval(
     bar.close()
 
     metrics, per_type = score_samples(task, samples)
-    output = Path(output) if output is not None else Path(model_dir) / "eval" / task
+    output = Path(output) if output is not None else default_output(model_dir, task)
     results = {
         "task": task,
         "model": str(model_dir),

@@ -9,6 +9,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,6 +126,18 @@ def test_astrea_eval_cli_end_to_end(workdir, loaded, capsys):
     with torch.no_grad():
         expected = model(**processor(images=[image], text=[text], return_tensors="pt")).router_probs
     np.testing.assert_allclose(samples[3]["router_probs"], expected.numpy(), atol=1e-5)
+
+
+def test_astrea_eval_writes_outside_the_model_folder_by_default(workdir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in (workdir / "model").iterdir())
+    rc = main(["eval", "--model", str(workdir / "model"), "--task", "vqa", "--data", str(workdir / "data" / "vqa.json"),
+               "--limit", "1", "--max-new-tokens", "2"])
+    assert rc == 0
+    out = Path("outputs") / "eval" / "model" / "vqa"
+    assert (tmp_path / out / "results.json").is_file()
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"wrote {out}/results.json and results.md"
+    assert sorted(p.name for p in (workdir / "model").iterdir()) == before
 
 
 def test_batching_changes_nothing(workdir, loaded):

@@ -1,10 +1,11 @@
-"""The README's usage example and the `astrea demo` command run as shown."""
+"""The README's usage example, its shell blocks and the `astrea demo` command run as shown."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -69,3 +70,92 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     bad.write_text("order: [caption, caption]\n")
     assert main(["instruct", "--recipe", str(bad)]) == 2
     assert "must list each expert role once" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ shell blocks
+# Each ```bash block runs in bash as written; the commands it may use are shell functions that
+# record their arguments, then are checked: `astrea` by the real parser (`create --preset tiny`
+# runs for real), `pip` against pyproject's extras and constraints.txt, `accelerate launch` by its
+# config file and the parser. Anything else -- a stray line after a broken `\`, a `<placeholder>`
+# read as a redirection -- makes bash fail, as it would for a user pasting the block.
+_SHELL_STUBS = """
+set -euo pipefail
+record() { local a; for a in "$@"; do printf '%s\\x1f' "$a"; done >> "$RECORD"; printf '\\x1e' >> "$RECORD"; }
+astrea() { record astrea "$@"; }
+pip() { record pip "$@"; }
+python() { record python "$@"; }
+accelerate() { record accelerate "$@"; }
+lmms-eval() { record lmms-eval "$@"; }
+"""
+
+
+def _shell_blocks():
+    return re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
+
+
+def _run_shell_block(block: str, tmp_path: Path) -> list[list[str]]:
+    import subprocess
+
+    record = tmp_path / "record"
+    record.write_text("")
+    done = subprocess.run(["bash", "-c", _SHELL_STUBS + block], cwd=README.parent, capture_output=True, text=True,
+                          env={"RECORD": str(record), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, f"README block fails in bash:\n{block}\n{done.stderr}"
+    return [call.split("\x1f")[:-1] for call in record.read_text().split("\x1e")[:-1]]
+
+
+def _check_astrea(argv: list[str], tmp_path: Path) -> None:
+    from astrea_vlm.cli import build_parser, main
+
+    build_parser().parse_args(argv)  # SystemExit(2) on an unknown or missing option
+    if argv[:3] == ["create", "--preset", "tiny"]:
+        import os
+
+        cwd = os.getcwd()
+        os.chdir(tmp_path)
+        try:
+            assert main(argv) == 0
+        finally:
+            os.chdir(cwd)
+        assert (tmp_path / argv[argv.index("--output") + 1] / "config.json").is_file()
+
+
+def test_readme_shell_blocks_run(tmp_path):
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        from pip._vendor import tomli as tomllib
+
+    project = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]
+    extras = set(project["optional-dependencies"])
+    calls = [call for block in _shell_blocks() for call in _run_shell_block(block, tmp_path)]
+    assert calls, "no ```bash blocks found"
+    tools = set()
+    for name, *argv in calls:
+        tools.add(name)
+        if name == "astrea":
+            _check_astrea(argv, tmp_path)
+        elif name == "pip":
+            assert argv[:2] == ["install", "-e"] and argv[3:] == ["-c", "constraints.txt"], argv
+            extra = re.fullmatch(r"\.\[(\w+)\]", argv[2])
+            assert extra and extra.group(1) in extras, argv
+            assert (README.parent / "constraints.txt").is_file()
+        elif name == "python":
+            assert argv == ["-m", "pytest", "-q"], argv
+        elif name == "accelerate":
+            assert argv[:2] == ["launch", "--config_file"] and (README.parent / argv[2]).is_file(), argv
+            assert argv[3:5] == ["-m", "astrea_vlm.cli"], argv
+            _check_astrea(argv[5:], tmp_path)
+        elif name == "lmms-eval":
+            assert argv[:2] == ["--model", "astrea"], argv
+            assert "astrea" in project["entry-points"]["lmms_eval.models"]
+    assert {"astrea", "pip", "python", "accelerate", "lmms-eval"} <= tools
+
+
+def test_a_broken_line_continuation_fails_the_shell_check(tmp_path):
+    """The check catches what broke the 13B example: a `\\` followed by a comment ends the command."""
+    broken = "astrea create --preset tiny --output x \\     # a comment\n    --seed 1\n"
+    with pytest.raises(AssertionError, match="fails in bash"):
+        _run_shell_block(broken, tmp_path)
+    with pytest.raises(AssertionError, match="fails in bash"):
+        _run_shell_block("lmms-eval --model astrea --tasks <task>\n", tmp_path)

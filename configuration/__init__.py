@@ -4,3 +4,15 @@ from .configuration_astrea import EXPERT_ROLES, TOWER_KINDS, AstreaConfig, Astre
 from .presets import PRESETS, get_preset
 
 __all__ = ["AstreaConfig", "AstreaExpertConfig", "EXPERT_ROLES", "TOWER_KINDS", "PRESETS", "get_preset"]
+
+
+def _register_auto_config() -> None:
+    """``AutoConfig`` resolves ``model_type="astrea"`` once the configuration is imported (the processor
+    needs it too, and ``import astrea_vlm`` no longer imports the model)."""
+    from transformers import AutoConfig
+
+    AutoConfig.register("astrea", AstreaConfig, exist_ok=True)
+    AutoConfig.register("astrea_expert", AstreaExpertConfig, exist_ok=True)
+
+
+_register_auto_config()

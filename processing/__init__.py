@@ -27,7 +27,10 @@ def _register_auto_classes() -> None:
 
     from ..configuration import AstreaConfig
 
-    AutoImageProcessor.register(AstreaConfig, slow_image_processor_class=AstreaImageProcessor, exist_ok=True)
+    # One class whatever backend is asked for: AstreaImageProcessor has a single implementation, so
+    # the default request ("torchvision" when installed) must not "fall back" with a warning.
+    AutoImageProcessor.register(AstreaConfig, image_processor_classes={"pil": AstreaImageProcessor, "torchvision": AstreaImageProcessor},
+                                exist_ok=True)
     AutoProcessor.register(AstreaConfig, AstreaProcessor, exist_ok=True)
 
 

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_stage(model, ["router", "adapters", "moco_head", "llm"], list(config.expert_order))
     sft_args = SFTConfig(
         output_dir=args.workdir, max_steps=args.steps, per_device_train_batch_size=args.per_device_batch,
-        learning_rate=1e-3, bf16=False, gradient_checkpointing=False, logging_steps=1, report_to=[],
+        learning_rate=1e-3, bf16=False, activation_checkpointing=False, logging_steps=1, report_to=[],
         assistant_only_loss=True, save_strategy="no", max_length=None, use_cpu=True, seed=0, data_seed=0,
         disable_tqdm=True, ddp_find_unused_parameters=True,
     )

@@ -35,7 +35,9 @@ def _sft_config(recipe: Recipe, phase, output_dir: Path, **overrides):
         seed=recipe.seed,
         data_seed=recipe.seed,
         bf16=bool(optim.pop("bf16", False)),
-        gradient_checkpointing=bool(optim.pop("gradient_checkpointing", False)),
+        # transformers 5 names it activation checkpointing (`gradient_checkpointing` is a deprecated alias);
+        # a recipe may use either name.
+        activation_checkpointing=bool(optim.pop("activation_checkpointing", optim.pop("gradient_checkpointing", False))),
         assistant_only_loss=True,
         max_length=None,
         report_to=[],

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -17,19 +15,18 @@ def _inputs(tester, n_images=1, seed=0, n_text=5):
     return {"input_ids": ids, **tester.pixels(n_images, seed=seed)}
 
 
-def test_tiny_preset_builds_and_runs_under_two_seconds():
-    # Best of three: other work on the machine can only add time, never remove it.
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        tester = AstreaModelTester()
-        model = tester.model()
-        with torch.no_grad():
-            model(**_inputs(tester))
-        times.append(time.perf_counter() - start)
-        if times[-1] < 2.0:
-            break
-    assert min(times) < 2.0, times
+def test_tiny_preset_stays_tiny():
+    # What keeps the suite fast is the tiny preset's size, so that is what is checked (counted, not
+    # timed: a timing fails on a loaded machine). Today: ~0.76 M parameters, ~17 MFLOP per forward.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tester = AstreaModelTester()
+    model = tester.model()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        out = model(**_inputs(tester))
+    assert torch.isfinite(out.logits).all()
+    assert model.num_parameters() < 2_000_000
+    assert 0 < counter.get_total_flops() < 50_000_000
 
 
 def test_forward_shapes_and_values(tester, tiny_model):

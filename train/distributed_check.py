@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import numpy as np
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 
 
 def textured_colour_dataset(n: int = 32, size: int = 32, seed: int = 0):
@@ -37,7 +39,18 @@ def textured_colour_dataset(n: int = 32, size: int = 32, seed: int = 0):
     return datasets.Dataset.from_list(rows)
 
 
+@record  # under torchrun, a worker's exception and traceback go into the launcher's failure summary
 def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--per-device-batch", type=int, default=4)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--workdir", default="/tmp/astrea_distributed_check")
+    parser.add_argument("--fail-on-rank", type=int, default=None, help="raise on this rank (tests the failure report)")
+    args = parser.parse_args(argv)
+    if args.fail_on_rank is not None and int(os.environ.get("RANK", "0")) == args.fail_on_rank:
+        raise RuntimeError(f"distributed_check: deliberate failure on rank {args.fail_on_rank}")
+
     from trl import SFTConfig
 
     from ..configuration import get_preset
@@ -45,13 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     from ..processing import build_processor
     from .schedule import configure_stage
     from .trainer import AstreaSFTTrainer
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--per-device-batch", type=int, default=4)
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--workdir", default="/tmp/astrea_distributed_check")
-    args = parser.parse_args(argv)
 
     config = get_preset("tiny", bridge_p=1.0)  # deterministic residual terms for the comparison
     torch.manual_seed(0)
@@ -70,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         losses = [h["loss_reg"] for h in trainer.state.log_history if "loss_reg" in h]
         with open(args.output, "w") as handle:
             json.dump({"world_size": trainer.accelerator.num_processes, "loss_reg": losses}, handle)
+    # Tear the process group down on every rank together: a rank that exits while its peer still
+    # holds open gloo connections can take the peer down at exit.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     return 0
 
 

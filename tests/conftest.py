@@ -11,6 +11,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+try:  # hypothesis' default 200 ms deadline per example is a wall-clock assertion: off for the whole suite
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("astrea", deadline=None)
+    _hypothesis_settings.load_profile("astrea")
+except ImportError:  # hypothesis is a [dev] dependency; the fuzz tests skip without it
+    pass
+
 
 class AstreaModelTester:
     """ModelTester-style helper: a tiny config and matching inputs.

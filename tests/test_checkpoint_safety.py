@@ -48,7 +48,7 @@ class ForkServer:
 
     def close(self):
         self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+        self.proc.wait(timeout=600)  # generous: the server may still be finishing a run on a loaded machine
 
 
 def _checkpoints(folder: Path) -> list[str]:

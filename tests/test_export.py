@@ -205,7 +205,7 @@ def _run_child(mode: str, workdir: Path, folders: list[Path], inputs: dict, requ
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=1800,  # generous: a loaded 2-core machine can take minutes to import torch and transformers
     )
     assert proc.returncode == 0, f"clean subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return json.loads((out / "report.json").read_text()), load_file(str(out / "result.safetensors")), out

@@ -7,6 +7,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -45,7 +48,7 @@ def _create(args: argparse.Namespace) -> int:
 
 def _align(args: argparse.Namespace) -> int:
     from astrea_vlm.train.run import run_align
-    from astrea_vlm.train.schedule import load_recipe
+    from astrea_vlm.train.recipe import load_recipe
 
     run_align(load_recipe(args.recipe), args.output, resume=args.resume)
     return 0
@@ -53,7 +56,7 @@ def _align(args: argparse.Namespace) -> int:
 
 def _instruct(args: argparse.Namespace) -> int:
     from astrea_vlm.train.run import run_instruct
-    from astrea_vlm.train.schedule import load_recipe
+    from astrea_vlm.train.recipe import load_recipe
 
     run_instruct(load_recipe(args.recipe), args.output, resume=args.resume, init_from=args.init_from)
     return 0
@@ -70,9 +73,110 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cache_build(args: argparse.Namespace) -> int:
-    from astrea_vlm.train.feature_cache import build_from_folder
+# ------------------------------------------------------------------ astrea cache build: its --data
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
+
+def _resolve_image(value, base: Path):
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            import io
+
+            from PIL import Image
+
+            return Image.open(io.BytesIO(value["bytes"]))
+        value = value.get("path")
+    if isinstance(value, (str, os.PathLike)):
+        path = Path(value)
+        return str(path if path.is_absolute() else base / path)
+    if value is None:
+        raise ValueError("an image entry is empty")
+    return value  # PIL image, array, tensor
+
+
+def _record_images(record, base: Path) -> list:
+    if isinstance(record, (str, os.PathLike)):
+        return [_resolve_image(record, base)]
+    if isinstance(record, dict):
+        if record.get("images") is not None:
+            return [_resolve_image(v, base) for v in record["images"]]
+        if "image" in record:
+            return [] if record["image"] is None else [_resolve_image(record["image"], base)]
+    raise ValueError(f"a --data record must be an image path or a dict with 'image' or 'images', got {str(record)[:80]!r}")
+
+
+def load_image_list(path: str | os.PathLike) -> list:
+    """The images named by a ``--data`` file or folder, in order (paths stay paths: read lazily).
+
+    * ``.json``: a list (or ``{"data" | "records" | "images": [...]}``) of image paths or records with
+      ``image`` (a path, or a ``datasets`` ``{"bytes", "path"}`` dict) or ``images`` (a list);
+    * ``.jsonl``: one such path (a JSON string) or record per line;
+    * a ``datasets`` folder (``save_to_disk``): its ``images`` (list) or ``image`` column, every split;
+    * any other folder: its image files (``.png``, ``.jpg``, ...), sorted by name.
+
+    Relative paths are relative to the data file (or folder).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no --data at {path}")
+    if path.is_dir():
+        markers = ("dataset_info.json", "state.json", "dataset_dict.json")
+        if any((path / m).is_file() for m in markers):
+            import datasets
+
+            loaded = datasets.load_from_disk(str(path))
+            splits = list(loaded.values()) if isinstance(loaded, datasets.DatasetDict) else [loaded]
+            images = []
+            for split in splits:
+                column = "images" if "images" in split.column_names else "image" if "image" in split.column_names else None
+                if column is None:
+                    raise ValueError(f"{path} has no 'images' or 'image' column (columns: {split.column_names})")
+                for value in split[column]:
+                    images.extend(_record_images({column: value}, path))
+            return images
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"{path} holds no image files and is not a `datasets` folder")
+        return [str(p) for p in files]
+    base = path.parent
+    if path.suffix == ".jsonl":
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif path.suffix == ".json":
+        records = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(records, dict):
+            found = next((records[k] for k in ("data", "records", "images") if isinstance(records.get(k), list)), None)
+            if found is None:
+                raise ValueError(f"{path}: expected a list, or a dict with the list under 'data', 'records' or 'images'")
+            records = found
+    else:
+        raise ValueError(f"--data {path}: use a .json / .jsonl file, a `datasets` folder or a folder of images")
+    return [image for record in records for image in _record_images(record, base)]
+
+
+def build_from_folder(model_dir: str | os.PathLike, data: str | os.PathLike, output: str | os.PathLike,
+                      roles: Sequence[str] | None = None, kind: str = "tower", batch_size: int = 8,
+                      device: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """``astrea cache build``: load a saved Astrea folder and its processor, cache ``--data``'s images."""
+    import torch
+
+    from .modeling import AstreaForConditionalGeneration
+    from .processing import AstreaProcessor
+    from .train.feature_cache import FeatureCache
+
+    if not Path(model_dir, "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not an Astrea folder (no config.json); write one with `astrea create`")
+    model = AstreaForConditionalGeneration.from_pretrained(str(model_dir)).eval()
+    processor = AstreaProcessor.from_pretrained(str(model_dir))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    images = load_image_list(data)
+    stats = FeatureCache(output).build(model, processor, images, roles=roles, kind=kind, batch_size=batch_size,
+                                       progress=progress)
+    stats["output"] = str(output)
+    return stats
+
+
+def _cache_build(args: argparse.Namespace) -> int:
     roles = [r.strip() for r in args.roles.split(",") if r.strip()] if args.roles else None
     stats = build_from_folder(args.model, args.data, args.output, roles=roles, kind=args.kind,
                               batch_size=args.batch_size, device=args.device)
@@ -169,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     evaluate.set_defaults(func=_eval)
 
-    cache = command("cache", "feature cache of the frozen experts (see astrea_vlm.train.feature_cache)")
+    cache = command("cache", "feature cache of the frozen experts (see docs/feature_cache.md)")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="SUBCOMMAND")
     cache_build = cache_sub.add_parser("build", help="compute and store tower tokens / projected features once per image",
                                        formatter_class=_DefaultsFormatter)

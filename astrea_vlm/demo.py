@@ -194,7 +194,7 @@ def run_demo(settings: DemoSettings | None = None, log=print) -> dict:
     from .eval.runner import run_eval
     from .export import save_hub_folder
     from .train.run import run_align, run_instruct
-    from .train.schedule import load_recipe
+    from .train.recipe import load_recipe
     from .train.data import synthetic_scenes
     from .train.synthetic import make_split
 
@@ -357,8 +357,11 @@ def ablation_variants(what: str, recipe) -> dict[str, dict[str, Any]]:
             "seg>det>cls>cap": ["segmentation", "detection", "classification", "caption"],
             "cap>all": ["caption", ["classification", "detection", "segmentation"]],
         }
+        from .train.stages import normalise_order
+
         # the recipe's own order is the unchanged recipe (no override), so it shares the baseline run
-        return {name: {"config": {}, "recipe": {} if order == list(recipe.order) else {"order": order}}
+        own = normalise_order(recipe.order)
+        return {name: {"config": {}, "recipe": {} if normalise_order(order) == own else {"order": order}}
                 for name, order in orders.items()}
     if what == "residual":
         without = {
@@ -391,7 +394,7 @@ def run_ablation(what: str, seeds: int = 3, base: DemoSettings | None = None, re
     ablations. ``rerun=True`` (``--rerun``) trains every run again.
     """
     from .eval.compare import paired_bootstrap
-    from .train.schedule import load_recipe
+    from .train.recipe import load_recipe
 
     base = base or DemoSettings()
     if seeds < 1:
@@ -477,7 +480,7 @@ def ablation_comparison_markdown(versus: dict[str, dict[str, dict[str, float]]],
 def _settings_record(settings: DemoSettings) -> str:
     """The settings of a run and the content of its recipe, as text: what decides whether a finished
     run can stand for a new one (an edited recipe file makes old runs stale)."""
-    from .train.schedule import load_recipe
+    from .train.recipe import load_recipe
 
     record = {"settings": dataclasses.asdict(settings), "recipe": dataclasses.asdict(load_recipe(settings.recipe))}
     return json.dumps(record, sort_keys=True, default=repr)

@@ -1,7 +1,7 @@
 """astrea_vlm.eval: metrics, ``astrea eval``, the lmms-eval adapter and the routing report.
 
 * :mod:`.metrics`, :mod:`.caption_metrics`, :mod:`.normalize`: the metrics, in plain Python.
-* :mod:`.boxes`: the ``[x1, y1, x2, y2]`` (0-1000 grid) box format shared with the training data.
+* :mod:`astrea_vlm.geometry`: the ``[x1, y1, x2, y2]`` (0-1000 grid) box format shared with the training data.
 * :func:`load_metric`: the same metrics as ``evaluate`` modules, loaded from the scripts shipped in
   this package (``evaluate.load("<name>")`` would look on the Hub).
 * :mod:`.prompts`, :mod:`.data`, :mod:`.runner`: ``astrea eval`` (batched greedy generation + scoring).
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .boxes import format_box, parse_boxes
+from ..geometry import format_box, parse_boxes
 from .caption_metrics import bleu, caption_scores, cider_d, rouge_l
 from .metrics import (
     exact_match,

@@ -191,7 +191,7 @@ def record_references(metric: str, record: Mapping, images: list[Image.Image] | 
         if record.get("box") is not None:
             box = [float(v) for v in record["box"]]
         elif record.get("box_pixels") is not None:
-            from .boxes import pixel_to_normalised
+            from ..geometry import pixel_to_normalised
 
             if not images:
                 raise ValueError("box_pixels needs the record's image to normalise it")

@@ -11,7 +11,7 @@ import re
 import string
 from collections.abc import Sequence
 
-from .boxes import box_iou, parse_boxes
+from ..geometry import box_iou, parse_boxes
 from .normalize import normalize_text, normalize_vqa_answer
 
 
@@ -126,7 +126,7 @@ def grounding_iou(prediction: str, box: Sequence[float]) -> float:
 def grounding_accuracy(predictions: Sequence[str], references: Sequence[Sequence[float]], threshold: float = 0.5) -> float:
     """Acc@IoU>threshold: the share of samples whose first predicted box has IoU > ``threshold``.
 
-    ``references`` are normalised ``(x1, y1, x2, y2)`` boxes (see :mod:`astrea_vlm.eval.boxes`).
+    ``references`` are normalised ``(x1, y1, x2, y2)`` boxes (see :mod:`astrea_vlm.geometry`).
     """
     _check_lengths(predictions, references)
     return _mean([float(grounding_iou(p, b) > threshold) for p, b in zip(predictions, references)])

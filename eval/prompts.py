@@ -4,7 +4,7 @@ A template is filled with :meth:`str.format` from the record (``{question}``, an
 for multiple choice, each option on its own line as :data:`OPTION_FORMAT`), then placed after the
 image in one user turn of the processor's chat template. The wording follows the LLaVA-1.5 evaluation
 prompts the paper's baselines use; the grounding prompt names the box format of
-:mod:`astrea_vlm.eval.boxes`, the one the training data uses.
+:mod:`astrea_vlm.geometry`, the one the training data uses.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from .boxes import box_iou, parse_boxes
+from ..geometry import box_iou, parse_boxes
 from .caption_metrics import caption_scores
 from .data import load_records, record_images, record_metric, record_references, validate_record
 from .metrics import exact_match_score, parse_choice, vqa_soft_accuracy

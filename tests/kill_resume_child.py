@@ -35,7 +35,7 @@ from astrea_vlm.configuration import get_preset  # noqa: E402
 from astrea_vlm.modeling import AstreaForConditionalGeneration  # noqa: E402
 from astrea_vlm.processing import build_processor  # noqa: E402
 from astrea_vlm.train.distributed_check import textured_colour_dataset  # noqa: E402
-from astrea_vlm.train.schedule import configure_stage  # noqa: E402
+from astrea_vlm.train.stages import configure_stage  # noqa: E402
 from astrea_vlm.train.trainer import AstreaSFTTrainer  # noqa: E402
 
 MAX_STEPS = 8

@@ -24,7 +24,7 @@ from astrea_vlm.demo import (
     write_eval_split,
 )
 from astrea_vlm.train import synthetic as syn
-from astrea_vlm.train.schedule import load_recipe
+from astrea_vlm.train.recipe import load_recipe
 from astrea_vlm.train.warmup import CATEGORIES, COLOURS, SHAPES, TAGS, warm_up_towers, warmup_targets
 
 

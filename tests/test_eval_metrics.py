@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from astrea_vlm.eval import METRIC_NAMES, load_metric, metric_script
-from astrea_vlm.eval.boxes import box_iou, format_box, parse_boxes, pixel_to_normalised
+from astrea_vlm.geometry import box_iou, format_box, parse_boxes, pixel_to_normalised
 from astrea_vlm.eval.caption_metrics import bleu, caption_scores, cider_d, cider_d_scores, rouge_l, tokenize
 from astrea_vlm.eval.metrics import (
     exact_match,

@@ -15,6 +15,7 @@ import torch
 from astrea_vlm.configuration import get_preset
 from astrea_vlm.modeling import AstreaForConditionalGeneration
 from astrea_vlm.processing import build_processor
+from astrea_vlm.cli import load_image_list
 from astrea_vlm.train import feature_cache as fc
 from astrea_vlm.train.feature_cache import (
     CachedFeatureCollator,
@@ -478,15 +479,15 @@ def test_load_image_list_formats(tmp_path):
     (tmp_path / "imgs").mkdir()
     for i, image in enumerate(images):
         image.save(tmp_path / "imgs" / f"{i}.png")
-    assert fc.load_image_list(tmp_path / "imgs") == [str(tmp_path / "imgs" / "0.png"), str(tmp_path / "imgs" / "1.png")]
+    assert load_image_list(tmp_path / "imgs") == [str(tmp_path / "imgs" / "0.png"), str(tmp_path / "imgs" / "1.png")]
     (tmp_path / "d.json").write_text(json.dumps({"data": [{"image": "imgs/1.png"}, {"image": None}]}))
-    assert fc.load_image_list(tmp_path / "d.json") == [str(tmp_path / "imgs" / "1.png")]
+    assert load_image_list(tmp_path / "d.json") == [str(tmp_path / "imgs" / "1.png")]
     ds = datasets.Dataset.from_dict({"images": [[str(tmp_path / "imgs" / "0.png")], []]},
                                     features=datasets.Features({"images": datasets.List(datasets.Image())}))
     ds.save_to_disk(str(tmp_path / "ds"))
-    loaded = fc.load_image_list(tmp_path / "ds")
+    loaded = load_image_list(tmp_path / "ds")
     assert len(loaded) == 1 and image_hash(loaded[0]) == image_hash(images[0])
     with pytest.raises(ValueError, match="must be an image path"):
         (tmp_path / "bad.json").write_text(json.dumps([{"file": "x"}]))
-        fc.load_image_list(tmp_path / "bad.json")
+        load_image_list(tmp_path / "bad.json")
     assert os.path.isdir(tmp_path / "ds")

@@ -136,7 +136,7 @@ def test_demo_recipe_starts_from_the_world_llm_and_aligns_against_it_frozen():
 
     from astrea_vlm.demo import DemoSettings, build_demo_model
     from astrea_vlm.train.run import load_model_and_processor
-    from astrea_vlm.train.schedule import load_recipe
+    from astrea_vlm.train.recipe import load_recipe
 
     recipe = load_recipe("demo")
     assert recipe.model["llm"] == "world" and recipe.data["image_position"] == "after"

@@ -516,14 +516,14 @@ def test_image_position_orders_the_user_turn_the_same_in_training_rows_and_evalu
 
 
 def test_each_scene_image_is_stored_once_per_dataset_and_decodes_to_the_same_pixels(scenes):
-    from astrea_vlm.train.run import _dataset_images
+    from astrea_vlm.train.stages import dataset_images
 
     ds = D.build_qa_dataset(scenes)
     assert len(ds) > len(scenes)  # several questions per scene share its image
     for row in ds.select(range(0, len(ds), 5)):
         scene = next(s for s in scenes if s.image_id == row["image_id"])
         assert np.array_equal(np.asarray(row["images"][0].convert("RGB")), np.asarray(scene.image.convert("RGB")))
-    distinct = _dataset_images(ds)
+    distinct = dataset_images(ds)
     assert len(distinct) == len(scenes)  # the feature cache decodes each scene once
     originals = {np.asarray(s.image.convert("RGB")).tobytes() for s in scenes}
     assert {np.asarray(i.convert("RGB")).tobytes() for i in distinct} == originals

@@ -15,7 +15,7 @@ from astrea_vlm.configuration import get_preset
 from astrea_vlm.modeling import AstreaForConditionalGeneration
 from astrea_vlm.processing import build_processor
 from astrea_vlm.train.moco import MomentumContrast
-from astrea_vlm.train.schedule import configure_stage
+from astrea_vlm.train.stages import configure_stage
 from astrea_vlm.train.trainer import MOCO_STATE, AstreaSFTTrainer
 
 def _dataset(n=16):

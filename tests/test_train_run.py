@@ -9,8 +9,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from astrea_vlm.train.run import cache_plan, run_align, run_instruct
-from astrea_vlm.train.schedule import configure_stage, load_recipe
+from astrea_vlm.train.recipe import load_recipe
+from astrea_vlm.train.run import run_align, run_instruct
+from astrea_vlm.train.stages import cache_plan, configure_stage
 
 ROLES = ["caption", "classification", "detection", "segmentation"]
 
@@ -106,3 +107,32 @@ def recipe_model_config():
 def test_instruct_with_a_missing_aligned_folder_says_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="run `astrea align"):
         run_instruct(_recipe(tmp_path), init_from=tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("order, stages", [
+    ("reverse", [["segmentation"], ["detection"], ["classification"], ["caption"]]),
+    (["caption", "all"], [["caption"], ["classification", "detection", "segmentation"]]),
+])
+def test_astrea_align_trains_the_orders_the_ablations_use(tmp_path, order, stages):
+    """One order grammar for recipes and ablations: `order: reverse` and `[caption, all]` train through `astrea align`."""
+    from astrea_vlm.cli import main
+
+    _recipe(tmp_path, order=order, cache=False, data={"source": "synthetic", "train_size": 4, "image_size": 48, "max_objects": 3},
+            align={"max_steps": 1, "learning_rate": 2.0e-3, "trainable": ["projector", "bridge"]})
+    out = tmp_path / "run"
+    assert main(["align", "--recipe", str(tmp_path / "recipe.yaml"), "--output", str(out)]) == 0
+    summaries = json.loads((out / "aligned" / "alignment_summary.json").read_text())
+    assert [s["roles"] for s in summaries] == stages
+    assert [s["stage"] for s in summaries] == [f"align-{k + 1}-{'+'.join(roles)}" for k, roles in enumerate(stages)]
+    # stage 1 trained the first expert of the order: its projector moved, the last expert's did not yet
+    first, last = stages[0][0], stages[-1][-1]
+    start = _initial_state()
+    stage_one = load_file(str(out / summaries[0]["stage"] / "weights.safetensors"))
+    assert not torch.equal(stage_one[f"model.projectors.{first}.layers.0.weight"], start[f"model.projectors.{first}.layers.0.weight"])
+    assert torch.equal(stage_one[f"model.projectors.{last}.layers.0.weight"], start[f"model.projectors.{last}.layers.0.weight"])
+
+
+def _initial_state():
+    from astrea_vlm.modeling import AstreaForConditionalGeneration
+
+    return AstreaForConditionalGeneration(recipe_model_config()).state_dict()

@@ -7,13 +7,8 @@ import yaml
 
 from astrea_vlm.configuration import get_preset
 from astrea_vlm.modeling import AstreaForConditionalGeneration
-from astrea_vlm.train.schedule import (
-    PAPER_OPTIM,
-    configure_stage,
-    format_audit,
-    load_recipe,
-    parameter_audit,
-)
+from astrea_vlm.train.recipe import PAPER_OPTIM, load_recipe
+from astrea_vlm.train.stages import STAGES, configure_stage, format_audit, normalise_order, parameter_audit
 
 
 def _write(tmp_path, body):
@@ -40,11 +35,32 @@ def test_stage_orders_of_table_6(tmp_path):
     assert joint.stages == [["caption"], ["classification", "detection", "segmentation"]]
 
 
+CAP, CLS, DET, SEG = STAGES
+
+
+@pytest.mark.parametrize("order, stages", [
+    ("default", [[CAP], [CLS], [DET], [SEG]]),
+    ("reverse", [[SEG], [DET], [CLS], [CAP]]),
+    ("cap_all", [[CAP], [CLS, DET, SEG]]),
+    ("all", [[CAP, CLS, DET, SEG]]),
+    (["caption", "all"], [[CAP], [CLS, DET, SEG]]),
+    ([SEG, [CAP, DET], CLS], [[SEG], [CAP, DET], [CLS]]),
+])
+def test_recipes_read_orders_with_the_grammar_of_the_stages(tmp_path, order, stages):
+    """A recipe's `order` means what it means to the stage datasets and the ablations (one grammar)."""
+    recipe = load_recipe(_write(tmp_path, {"order": order}))
+    assert recipe.order == order  # kept as written (the demo records the recipe's content)
+    assert recipe.stages == stages
+    assert [list(stage) for stage in normalise_order(order)] == stages
+
+
 @pytest.mark.parametrize(
     "body, message",
     [
         ({"order": ["caption", "caption"]}, "each expert role once"),
         ({"order": ["caption", "depth"]}, "each expert role once"),
+        ({"order": "sideways"}, "unknown order 'sideways'"),
+        ({"order": ["caption", "classification", "detection"]}, "each expert role once"),
         ({"align": {"trainable": ["towers"]}}, "align.trainable has unknown group"),
         ({"learning_rate": 1}, "unknown field"),
     ],

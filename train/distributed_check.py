@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..configuration import get_preset
     from ..modeling import AstreaForConditionalGeneration
     from ..processing import build_processor
-    from .schedule import configure_stage
+    from .stages import configure_stage
     from .trainer import AstreaSFTTrainer
 
     config = get_preset("tiny", bridge_p=1.0)  # deterministic residual terms for the comparison

@@ -38,7 +38,7 @@ Annotations (:class:`Scene`, :class:`SceneObject`)
 * per object: ``category`` (``"red circle"``), ``box`` (normalised xyxy), ``mask`` (bool HxW),
   ``rle`` (COCO uncompressed RLE, column-major), ``polygons_px`` (outer boundaries of the visible
   mask's 4-connected components in pixel units, largest first; see
-  :func:`astrea_vlm.train.data.mask_to_polygons`), ``area`` (visible pixels), ``visible_fraction``.
+  :func:`astrea_vlm.geometry.mask_to_polygons`), ``area`` (visible pixels), ``visible_fraction``.
 
 Instruction QA (:data:`question_types`)
 ---------------------------------------
@@ -85,7 +85,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .data import box_from_mask, format_box, mask_to_polygons, rle_encode
+from ..geometry import box_from_mask, format_box, mask_to_polygons, rle_encode
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "cross")
 PLURALS: dict[str, str] = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars",

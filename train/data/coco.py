@@ -1,0 +1,310 @@
+"""COCO captions, instances (boxes; polygons or RLE) and RAM-style tag lists as an :class:`AlignmentSource`.
+
+Formats and malformed records: ``docs/training_data.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...geometry import mask_to_polygons, polygon_area, rle_decode
+from .annotations import AlignmentSource, AnnotatedImage, ObjectAnnotation
+from .report import BuildReport, check_image_file, read_json
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _read_coco_images(data: Any, report: BuildReport, section_name: str) -> dict[Any, dict[str, Any]]:
+    """``id -> {"file_name", "width", "height"}`` from a COCO ``images`` list, reporting bad entries."""
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list):
+        raise ValueError(f"{section_name}: a COCO file is a JSON object with an `images` list")
+    found: dict[Any, dict[str, Any]] = {}
+    for index, entry in enumerate(images):
+        report.records += 1
+        ref = entry.get("id", f"images[{index}]") if isinstance(entry, dict) else f"images[{index}]"
+        if not isinstance(entry, dict):
+            report.add("wrong_type", ref, "an image entry must be an object")
+            continue
+        missing = [k for k in ("id", "file_name", "width", "height") if k not in entry]
+        if missing:
+            report.add("missing_field", ref, f"image without {', '.join(missing)}")
+            continue
+        if not isinstance(entry["id"], (int, str)) or isinstance(entry["id"], bool) or not isinstance(entry["file_name"], str) \
+                or not all(isinstance(entry[k], int) and not isinstance(entry[k], bool) and entry[k] > 0 for k in ("width", "height")):
+            report.add("wrong_type", ref, "id must be an int or str, file_name a str, width/height positive ints")
+            continue
+        if entry["id"] in found:
+            report.add("duplicate_id", ref, "image id listed twice")
+            continue
+        found[entry["id"]] = {"file_name": entry["file_name"], "width": entry["width"], "height": entry["height"]}
+    return found
+
+
+def _parse_segmentation(seg: Any, width: int, height: int) -> tuple[str | None, Any]:
+    """``(problem_kind or None, polygon in pixels or message)`` for one COCO ``segmentation``."""
+    if isinstance(seg, list):
+        parts = []
+        for part in seg:
+            if not isinstance(part, list) or not all(_is_number(v) for v in part):
+                return "wrong_type", "a polygon is a flat list of numbers [x1, y1, x2, y2, ...]"
+            if len(part) % 2 or len(part) < 6:
+                return "bad_polygon", f"polygon with {len(part) // 2} point(s){' and an odd coordinate count' if len(part) % 2 else ''}; needs >= 3"
+            parts.append([(float(part[i]), float(part[i + 1])) for i in range(0, len(part), 2)])
+        if not parts:
+            return "bad_polygon", "empty polygon list"
+        areas = [abs(polygon_area(p)) for p in parts]
+        best = parts[int(np.argmax(areas))]
+        if max(areas) == 0.0:
+            return "bad_polygon", "polygon with zero area"
+        return None, best
+    if isinstance(seg, dict):
+        try:
+            mask = rle_decode(seg)
+        except (ValueError, TypeError) as err:
+            return "bad_rle", str(err)
+        if mask.shape != (height, width):
+            return "bad_rle", f"RLE size {list(mask.shape)} differs from the image's [{height}, {width}]"
+        polygons = mask_to_polygons(mask)
+        if not polygons:
+            return "bad_rle", "empty mask"
+        return None, polygons[0]
+    return "wrong_type", "segmentation must be a polygon list or an RLE object"
+
+
+def _read_tags(path: str | os.PathLike, report: BuildReport) -> dict[Any, list[str]]:
+    """``key -> tags``: keys are file names (full and base name) or image ids."""
+    data = read_json(path, "tags")
+    items: list[tuple[Any, Any]]
+    if isinstance(data, dict):
+        items = list(data.items())
+    elif isinstance(data, list):
+        items = []
+        for index, record in enumerate(data):
+            report.records += 1
+            if not isinstance(record, dict):
+                report.add("wrong_type", f"tags[{index}]", "a tag record must be an object")
+                continue
+            key = next((record[k] for k in ("file_name", "image", "image_id") if k in record), None)
+            if key is None or "tags" not in record:
+                report.add("missing_field", f"tags[{index}]", "a tag record needs file_name/image/image_id and tags")
+                continue
+            items.append((key, record["tags"]))
+    else:
+        raise ValueError(f"tags file {path}: expected an object {{file_name: [tags]}} or a list of records")
+    tags: dict[Any, list[str]] = {}
+    for key, value in items:
+        if isinstance(data, dict):
+            report.records += 1
+        if isinstance(value, str):
+            value = [t.strip() for t in value.split("|")]
+        if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+            report.add("wrong_type", key, "tags must be a list of strings or an 'a | b | c' string")
+            continue
+        clean = list(dict.fromkeys(t.strip() for t in value if t.strip()))
+        tags[key] = clean
+        if isinstance(key, str):
+            tags.setdefault(os.path.basename(key), clean)
+    return tags
+
+
+def load_coco(
+    images_dir: str | os.PathLike,
+    captions: str | os.PathLike | None = None,
+    instances: str | os.PathLike | None = None,
+    tags: str | os.PathLike | None = None,
+    *,
+    skip_invalid: bool = False,
+    verify_images: bool | str = True,
+    name: str = "coco",
+    log=print,
+) -> AlignmentSource:
+    """COCO captions / instances (boxes + polygons or RLE) and RAM-style tags as an :class:`AlignmentSource`.
+
+    The image set is every image listed in ``captions`` or ``instances``; an image needs a caption
+    when ``captions`` is given, an entry in ``tags`` when ``tags`` is given, and an ``images`` entry
+    in ``instances`` when it is given (an image there with no annotation has no objects). The
+    stages served are those whose labels are present: caption (captions), classification (tags,
+    or else instance category names), detection (instances), segmentation (instances with
+    ``segmentation``). ``verify_images=True`` opens and verifies every file (``PIL.Image.verify``:
+    the header, and the chunk checksums of a PNG), ``"full"`` also decodes it (finds truncated JPEGs;
+    slow at COCO scale), False only checks that it exists. Malformed records: :mod:`.report`.
+    """
+    if captions is None and instances is None:
+        raise ValueError("load_coco needs `captions` and/or `instances`")
+    report = BuildReport(name)
+    images_dir = Path(images_dir)
+    bad_images: set[Any] = set()
+    entries: dict[Any, dict[str, Any]] = {}
+    caption_map: dict[Any, list[str]] | None = None
+    object_map: dict[Any, list[ObjectAnnotation]] | None = None
+    has_segmentation = False
+
+    def merge_images(found: dict[Any, dict[str, Any]], what: str) -> None:
+        for image_id, entry in found.items():
+            previous = entries.get(image_id)
+            if previous is not None and previous != entry:
+                report.add("duplicate_id", image_id, f"{what} describes this image differently from another file")
+                bad_images.add(image_id)
+            entries.setdefault(image_id, entry)
+
+    caption_ids: set[Any] = set()
+    if captions is not None:
+        data = read_json(captions, "captions")
+        found = _read_coco_images(data, report, str(captions))
+        caption_ids = set(found)
+        merge_images(found, "captions")
+        caption_map = {image_id: [] for image_id in found}
+        for index, ann in enumerate(data.get("annotations") or []):
+            report.records += 1
+            ref = ann.get("id", f"annotations[{index}]") if isinstance(ann, dict) else f"annotations[{index}]"
+            if not isinstance(ann, dict):
+                report.add("wrong_type", ref, "an annotation must be an object")
+                continue
+            missing = [k for k in ("image_id", "caption") if k not in ann]
+            if missing:
+                report.add("missing_field", ref, f"caption annotation without {', '.join(missing)}")
+                bad_images.add(ann.get("image_id"))
+                continue
+            if not isinstance(ann["caption"], str) or not ann["caption"].strip():
+                report.add("wrong_type", ref, "caption must be a non-empty string")
+                bad_images.add(ann["image_id"])
+                continue
+            if ann["image_id"] not in caption_map:
+                report.add("unknown_image", ref, f"image_id {ann['image_id']!r} is not in `images`")
+                continue
+            caption_map[ann["image_id"]].append(" ".join(ann["caption"].split()))
+
+    instance_ids: set[Any] = set()
+    if instances is not None:
+        data = read_json(instances, "instances")
+        found = _read_coco_images(data, report, str(instances))
+        instance_ids = set(found)
+        merge_images(found, "instances")
+        categories: dict[Any, str] = {}
+        for index, cat in enumerate(data.get("categories") or []):
+            report.records += 1
+            if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
+                report.add("missing_field", f"categories[{index}]", "a category needs id and name")
+                continue
+            if not isinstance(cat["name"], str):
+                report.add("wrong_type", cat["id"], "category name must be a string")
+                continue
+            categories[cat["id"]] = cat["name"]
+        annotations = data.get("annotations") or []
+        has_segmentation = any(isinstance(a, dict) and "segmentation" in a for a in annotations)
+        object_map = {image_id: [] for image_id in found}
+        for index, ann in enumerate(annotations):
+            report.records += 1
+            ref = ann.get("id", f"annotations[{index}]") if isinstance(ann, dict) else f"annotations[{index}]"
+            if not isinstance(ann, dict):
+                report.add("wrong_type", ref, "an annotation must be an object")
+                continue
+            required = ["image_id", "bbox", "category_id"] + (["segmentation"] if has_segmentation else [])
+            missing = [k for k in required if k not in ann]
+            if missing:
+                report.add("missing_field", ref, f"instance annotation without {', '.join(missing)}")
+                bad_images.add(ann.get("image_id"))
+                continue
+            image_id = ann["image_id"]
+            if image_id not in object_map:
+                report.add("unknown_image", ref, f"image_id {image_id!r} is not in `images`")
+                continue
+            entry = found[image_id]
+            width, height = entry["width"], entry["height"]
+            bbox = ann["bbox"]
+            if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+                report.add("wrong_type", ref, "bbox must be [x, y, width, height] numbers")
+                bad_images.add(image_id)
+                continue
+            x, y, w, h = (float(v) for v in bbox)
+            if w <= 0 or h <= 0:
+                report.add("bad_bbox", ref, f"bbox {list(bbox)} has non-positive size")
+                bad_images.add(image_id)
+                continue
+            if ann["category_id"] not in categories:
+                report.add("unknown_category", ref, f"category_id {ann['category_id']!r} is not in `categories`")
+                bad_images.add(image_id)
+                continue
+            polygon = None
+            if has_segmentation:
+                kind, value = _parse_segmentation(ann["segmentation"], width, height)
+                if kind is not None:
+                    report.add(kind, ref, value)
+                    bad_images.add(image_id)
+                    continue
+                polygon = value
+            box = (
+                min(max(x / width, 0.0), 1.0),
+                min(max(y / height, 0.0), 1.0),
+                min(max((x + w) / width, 0.0), 1.0),
+                min(max((y + h) / height, 0.0), 1.0),
+            )
+            area = float(ann["area"]) if _is_number(ann.get("area")) else w * h
+            object_map[image_id].append(ObjectAnnotation(categories[ann["category_id"]], box, area, polygon))
+
+    tag_map = _read_tags(tags, report) if tags is not None else None
+
+    kept: list[AnnotatedImage] = []
+    checked = 0
+    for image_id, entry in entries.items():
+        problems = False
+        if captions is not None and instances is not None:
+            if image_id not in caption_ids:
+                report.add("missing_labels", image_id, "in the instances file but not in the captions file")
+                problems = True
+            if image_id not in instance_ids:
+                report.add("missing_labels", image_id, "in the captions file but not in the instances file")
+                problems = True
+        if caption_map is not None and image_id in caption_ids and not caption_map.get(image_id):
+            report.add("missing_labels", image_id, "no caption")
+            problems = True
+        image_tags = None
+        if tag_map is not None:
+            image_tags = tag_map.get(entry["file_name"], tag_map.get(os.path.basename(entry["file_name"]), tag_map.get(image_id)))
+            if image_tags is None:
+                report.add("missing_labels", image_id, f"no tags for {entry['file_name']}")
+                problems = True
+        path = images_dir / entry["file_name"]
+        checked += 1
+        if not check_image_file(path, image_id, entry["width"], entry["height"], report, verify_images):
+            problems = True
+        if problems or image_id in bad_images:
+            report.dropped.append(image_id)
+            continue
+        objects = object_map.get(image_id) if object_map is not None else None
+        if image_tags is None and objects is not None:
+            image_tags = list(dict.fromkeys(o.category for o in objects))
+        kept.append(
+            AnnotatedImage(
+                image_id=str(image_id),
+                image=str(path),
+                width=entry["width"],
+                height=entry["height"],
+                captions=caption_map.get(image_id, []) if caption_map is not None else [],
+                tags=image_tags,
+                objects=objects,
+            )
+        )
+    report.kept = len(kept)
+    if report.ok:
+        report.dropped.clear()
+    stages = tuple(
+        s
+        for s, present in (
+            ("caption", captions is not None),
+            ("classification", tags is not None or instances is not None),
+            ("detection", instances is not None),
+            ("segmentation", instances is not None and has_segmentation),
+        )
+        if present
+    )
+    report.finish(skip_invalid, log)
+    return AlignmentSource(name, kept, report, stages)

@@ -69,6 +69,10 @@ def _eval(args: argparse.Namespace) -> int:
                        max_new_tokens=args.max_new_tokens, limit=args.limit, device=args.device)
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in results["metrics"].items()}
     print(f"astrea eval {args.task}: {json.dumps(shown)}")
+    if args.update_card:
+        from astrea_vlm.card import record_eval_results
+
+        print(f"recorded the results in {record_eval_results(args.model, results)}")
     print(f"wrote {results['output']}/results.json and results.md")
     return 0
 
@@ -271,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-new-tokens", type=int, default=32, help="longest generated answer, in tokens")
     evaluate.add_argument("--limit", type=int, help="evaluate only the first N records (default: all)")
     evaluate.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    evaluate.add_argument("--update-card", action="store_true",
+                          help="also record the results in the model folder's README.md card (its model-index); "
+                               "by default nothing in the model folder changes")
     evaluate.set_defaults(func=_eval)
 
     cache = command("cache", "feature cache of the frozen experts (see docs/feature_cache.md)")

@@ -13,7 +13,6 @@ it in memory in ``--dtype`` (bfloat16 by default): about 30 GB for 13B, 75 GB fo
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -22,9 +21,6 @@ from .configuration import AstreaConfig, get_preset
 from .configuration.presets import TEXT_PRETRAINED
 from .modeling import AstreaForConditionalGeneration
 from .processing import build_processor
-
-MODEL_CARD = Path(__file__).resolve().parent / "model_card.md"  # a link to the repository's model_card.md
-
 
 def _check_llm_matches(config: AstreaConfig, llm_config) -> None:
     ours = config.text_config
@@ -117,8 +113,13 @@ def assemble(
     return model.eval(), processor
 
 
-def write_folder(config: AstreaConfig, output: str | Path, **assemble_kwargs) -> Path:
-    """Assemble (see :func:`assemble`) and write the Hub folder, with the model card as its README."""
+def write_folder(config: AstreaConfig, output: str | Path, card=None, **assemble_kwargs) -> Path:
+    """Assemble (see :func:`assemble`) and write the Hub folder with its model card (README.md).
+
+    ``card``: the card's :class:`~astrea_vlm.card.CardFacts`; by default they say the folder was
+    assembled from the parts given (or is random when none is).
+    """
+    from .card import created_facts, write_card
     from .export import save_hub_folder
 
     output = Path(output)
@@ -126,22 +127,42 @@ def write_folder(config: AstreaConfig, output: str | Path, **assemble_kwargs) ->
         raise FileExistsError(f"{output} exists and is not empty; choose a new folder (nothing was overwritten)")
     model, processor = assemble(config, **assemble_kwargs)
     save_hub_folder(model, output, processor=processor)
-    if MODEL_CARD.is_file():
-        shutil.copyfile(MODEL_CARD, output / "README.md")
+    if card is None:
+        parts = _parts(config, assemble_kwargs.get("llm"), assemble_kwargs.get("tokenizer"), assemble_kwargs.get("towers"))
+        card = created_facts(output, parts, "astrea_vlm.create.write_folder")
+    write_card(output, card, model.config, processor, n_parameters=model.num_parameters())
     return output
+
+
+def _parts(config: AstreaConfig, llm: str | None, tokenizer: str | None, towers: dict[str, str] | None) -> dict[str, str] | None:
+    """Where each pretrained part comes from (None when nothing is pretrained: a random model)."""
+    if not llm and not tokenizer and not towers:
+        return None
+    towers = towers or {}
+    parts = {"language model": llm or "random"}
+    if tokenizer and tokenizer != llm:
+        parts["tokenizer"] = tokenizer
+    for role, expert in config.expert_configs.items():
+        parts[f"{role} expert ({expert.kind})"] = towers.get(role) or "random"
+    return parts
 
 
 def create(preset: str, output: str | Path, seed: int = 0, llm: str | None = None, tokenizer: str | None = None,
            towers: dict[str, str] | None = None, dtype: str = "auto", **hub_kwargs) -> Path:
     """Write the folder for ``preset`` (see the module docstring) and return its path."""
+    from .card import created_facts
+
     config = get_preset(preset)
+    command = f"astrea create --preset {preset}"
     if preset == "tiny":
         if llm or tokenizer or towers:
             raise ValueError("the tiny preset is random: it takes no pretrained parts")
-        return write_folder(config, output, seed=seed)
+        return write_folder(config, output, card=created_facts(output, None, command), seed=seed)
     parts = {role: expert.pretrained for role, expert in config.expert_configs.items()}
     parts.update(towers or {})
+    llm = llm or TEXT_PRETRAINED[preset]
+    card = created_facts(output, _parts(config, llm, tokenizer, parts), command)
     torch_dtype = torch.bfloat16 if dtype == "auto" else getattr(torch, dtype)
     return write_folder(
-        config, output, llm=llm or TEXT_PRETRAINED[preset], tokenizer=tokenizer, towers=parts, dtype=torch_dtype, seed=seed, **hub_kwargs
+        config, output, card=card, llm=llm, tokenizer=tokenizer, towers=parts, dtype=torch_dtype, seed=seed, **hub_kwargs
     )

@@ -146,6 +146,33 @@ def build_demo_model(recipe, settings: DemoSettings, train_scenes, log=print):
     return model.eval(), processor
 
 
+def baseline_card(folder: Path, recipe, settings: DemoSettings):
+    """The card facts of the demo's untrained baseline (what its parts are; nothing of it is trained yet)."""
+    from .card import CardFacts
+
+    steps = settings.warmup_steps
+    steps = steps if isinstance(steps, dict) else {role: steps for role in ("caption", "classification", "detection", "segmentation")}
+    speciality = {"caption": "category presence", "classification": "tags", "detection": "per-cell boxes",
+                  "segmentation": "per-cell masks"}
+    towers = {f"{role} expert": (f"toy tower warmed up for {steps.get(role, 0)} steps on {speciality[role]} of the training split "
+                                 "(`astrea_vlm.train.warmup`)" if steps.get(role, 0) else "random toy tower")
+              for role in speciality}
+    llm = recipe.model.get("llm")
+    return CardFacts(
+        path=str(folder),
+        origin=f"Written by `astrea demo` (seed {settings.seed}): the demo's **untrained baseline** -- its LLM and its "
+               "warmed-up, frozen expert towers, with random projectors, bridges and fusion. `astrea align` and "
+               "`astrea instruct` start from it.",
+        parts={"language model": "the world LLM (`astrea_vlm/train/world_llm`)" if llm == "world" else (llm or "random"),
+               **towers},
+        datasets=["astrea-synthetic-world"],
+        limitations=["**Not trained.** The parts that connect the experts to the LLM are random: this is the demo's "
+                     "baseline, a blind LLM."],
+        question="How many shapes are in the image?",
+        extra_tags=["synthetic-data"],
+    )
+
+
 def demo_tokenizer(config, train_scenes):
     """A byte-level BPE tokenizer whose merges are learned from the TRAINING split's text.
 
@@ -192,6 +219,7 @@ def run_demo(settings: DemoSettings | None = None, log=print) -> dict:
     from .eval.compare import comparison_markdown, paired_bootstrap
     from .eval.report import plot_training_curves, write_router_report
     from .eval.runner import run_eval
+    from .card import record_eval_results, write_card
     from .export import save_hub_folder
     from .train.run import run_align, run_instruct
     from .train.recipe import load_recipe
@@ -229,6 +257,8 @@ def run_demo(settings: DemoSettings | None = None, log=print) -> dict:
     model, processor = build_demo_model(recipe, settings, train_scenes, log=log)
     untrained = output / "untrained"
     save_hub_folder(model, untrained, processor=processor)
+    write_card(untrained, baseline_card(untrained, recipe, settings), model.config, processor, recipe=recipe,
+               n_parameters=model.num_parameters())
     log(f"{sum(p.numel() for p in model.parameters()):,} parameters; untrained baseline written to {untrained}")
     timings["model"] = time.perf_counter() - tick
 
@@ -254,6 +284,11 @@ def run_demo(settings: DemoSettings | None = None, log=print) -> dict:
     if not settings.skip_untrained_eval:
         baselines["untrained"] = run_eval(untrained, output=output / "eval" / "untrained", **eval_kwargs)
     timings["eval"] = time.perf_counter() - tick
+    split = f"synthetic world, {{}} split ({settings.test_size} scenes, seed {seed})"
+    record_eval_results(final, trained, dataset_name=split.format("test"))
+    record_eval_results(final, validation, dataset_name=split.format("validation"))
+    if "untrained" in baselines:
+        record_eval_results(untrained, baselines["untrained"], dataset_name=split.format("test"))
 
     _log_section(log, "6/6 report and Hub round trip")
     tick = time.perf_counter()

@@ -350,10 +350,17 @@ def save_hub_folder(model, folder: str | Path, processor=None, **save_kwargs) ->
     ``model.save_pretrained`` writes the safetensors weights and ``config.json``; the generated code
     files are added (:func:`export_remote_code`) and ``auto_map`` entries are set so that
     ``AutoConfig``, ``AutoModel`` and ``AutoModelForImageTextToText`` (and, with a processor,
-    ``AutoProcessor`` and ``AutoImageProcessor``) resolve to them. Returns the code files written.
+    ``AutoProcessor`` and ``AutoImageProcessor``) resolve to them. ``generation_config.json`` gets a
+    ``max_new_tokens`` (:func:`astrea_vlm.card.default_max_new_tokens`) unless the model has one.
+    Returns the code files written.
     """
     folder = Path(folder)
     entries = auto_map(model, processor)  # fails before anything is written if the classes cannot be shipped
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and generation.max_new_tokens is None:
+        from .card import default_max_new_tokens
+
+        generation.max_new_tokens = default_max_new_tokens(model.config)  # else generate stops after 20 tokens
     model.save_pretrained(folder, **save_kwargs)
     _update_json(folder / "config.json", lambda data: _merge_auto_map(data, entries))
     if processor is not None:

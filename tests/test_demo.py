@@ -177,6 +177,19 @@ def test_demo_pipeline_end_to_end_at_toy_size(tmp_path):
     assert "astrea clearly better" in report
     assert summary["roundtrip"]["truth"] and isinstance(summary["roundtrip"]["answer"], str)
     assert any("pipeline('image-text-to-text'" in line for line in lines)
+    # The trained folder's card records the report's test scores (and the validation split's) as its
+    # model-index; the untrained baseline's card records its own.
+    from huggingface_hub import ModelCard
+
+    for folder, column in ((out / "train" / "final", "astrea"), (out / "untrained", "untrained")):
+        index = ModelCard.load(folder / "README.md").data.to_dict()["model-index"][0]
+        test = {m["name"].split(" (")[0]: m["value"] for r in index["results"] if "test split" in r["dataset"]["name"]
+                for m in r["metrics"]}
+        assert {k: v for k, v in test.items() if k in summary["table"][column]} == {
+            k: round(v, 4) for k, v in summary["table"][column].items()}, folder
+    final_card = ModelCard.load(out / "train" / "final" / "README.md")
+    assert any("validation split" in r.dataset_name for r in final_card.data.eval_results)
+    assert "Written by `astrea demo`" in (out / "untrained" / "README.md").read_text()
 
 
 def test_ablation_runs_every_variant_and_writes_its_table(tmp_path):

@@ -383,7 +383,20 @@ def pretrain_world_llm(settings: PretrainSettings | None = None, output: str | P
     summary = {"settings": dataclasses.asdict(settings), "text_config": config.text_config.to_dict(), "loss": curve,
                "symbolic_accuracy": accuracy, "symbolic_accuracy_during_training": checks, "seconds": round(time.perf_counter() - tick, 1)}
     (output / "pretrain.json").write_text(json.dumps(summary, indent=1))
+    write_world_llm_card(output, summary)
     return summary
+
+
+def write_world_llm_card(folder: str | Path, summary: dict[str, Any], path: str | None = None) -> None:
+    """``config.json`` (so ``AutoModelForCausalLM`` loads the folder) and the README.md card, from
+    ``pretrain.json``'s content; ``path`` names the folder in the card's snippet (default: ``folder``).
+    The shipped folder's card: ``write_world_llm_card(SHIPPED, summary, "train/world_llm")``."""
+    from transformers import LlamaConfig
+
+    from ..card import world_llm_card
+
+    LlamaConfig(**{k: v for k, v in summary["text_config"].items() if k != "transformers_version"}).save_pretrained(str(folder))
+    world_llm_card(folder, summary, "astrea pretrain-llm", path=path)
 
 
 # ----------------------------------------------------------------------------- using the shipped LLM

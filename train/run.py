@@ -84,6 +84,9 @@ def run_align(recipe: Recipe, output_dir: str | Path | None = None, resume: bool
     aligned = output / "aligned"
     save_hub_folder(model.eval(), aligned, processor=processor)
     (aligned / "alignment_summary.json").write_text(json.dumps(summaries, indent=1))
+    from ..card import write_trained_card
+
+    write_trained_card(aligned, model, processor, recipe, "align", recipe.model.get("path"), summaries)
     log(f"aligned model written to {aligned}")
     return aligned
 
@@ -126,5 +129,10 @@ def run_instruct(recipe: Recipe, output_dir: str | Path | None = None, resume: b
     to_save = train_target.merge_and_unload() if phase.lora else train_target
     save_hub_folder(to_save.eval(), final, processor=processor)
     (final / "instruct_summary.json").write_text(json.dumps(summary, indent=1))
+    from ..card import write_trained_card
+
+    earlier = aligned / "alignment_summary.json"
+    stages = json.loads(earlier.read_text()) if earlier.is_file() else []
+    write_trained_card(final, to_save, processor, recipe, "instruct", aligned, [*stages, summary])
     log(f"instruction-tuned model written to {final}")
     return final

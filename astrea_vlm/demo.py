@@ -296,7 +296,7 @@ def run_demo(settings: DemoSettings | None = None, log=print) -> dict:
     # "Beats the majority clearly": the 95% paired-bootstrap interval of the difference is above 0.
     versus_majority = paired_bootstrap(trained["samples"], baselines["majority"]["samples"], seed=settings.seed)
     stages = sorted(p for p in (output / "train").glob("align-*") if p.is_dir()) + [output / "train" / "instruct"]
-    plot_training_curves(stages, output / "loss.png", keys=["loss", "loss_reg", "loss_moco"], title="training loss per stage")
+    plot_training_curves(stages, output / "loss.png", keys=["loss", "loss_reg", "loss_moco"], title="astrea demo: training loss per stage (each stage on its own step axis)")
     write_router_report([trained], output)
     trip = roundtrip(final, settings.seed, image_position=image_position, log=log) if settings.roundtrip else None
     timings["report"] = time.perf_counter() - tick

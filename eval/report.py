@@ -9,9 +9,11 @@ bars per task / question type, one bar per expert.
 
 **Training curves** come from trainer logs: ``trainer_state.json``'s ``log_history`` (a list of
 dicts with ``step`` and the logged keys: ``loss``, ``learning_rate``, ``grad_norm``, ``router/...``,
-evaluation metrics ...). Each stage is a folder (or file); stages are drawn one after the other on
-a shared step axis (stage ``k`` starts where stage ``k-1`` ended), with a dashed line and the stage
-name at each boundary, one panel per logged key, as in Fig. 3.
+evaluation metrics ...). Each stage is a folder (or file) and gets its own column of panels on its
+own step axis (a 50-step alignment stage is as readable as a 2000-step instruction tuning), one row
+per logged quantity, all loss terms in one row, validation values (``eval_*``, logged when the recipe
+evaluates) dashed with markers, as in Fig. 3. :func:`stage_curves` still gives the stages one after
+the other on a shared axis.
 
 Command line: ``python -m astrea_vlm.eval.report --results R.json [R2.json ...] --stages DIR
 [DIR ...] --output FOLDER``.
@@ -25,6 +27,7 @@ import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 # Bookkeeping keys of the trainer's log that are not curves.
 SKIPPED_LOG_KEYS = frozenset({"step", "epoch", "total_flos", "train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss"})
@@ -185,44 +188,111 @@ def stage_curves(stages: Sequence[tuple[str, list[dict]]], keys: Sequence[str] |
     return dict(curves), spans
 
 
-def plot_training_curves(stages: Sequence, path: str | Path, keys: Sequence[str] | None = None, title: str | None = None) -> Path:
-    """One panel per logged key across all stages (paper Fig. 3), saved as a PNG.
+def _is_bookkeeping(key: str) -> bool:
+    return key in SKIPPED_LOG_KEYS or key.endswith(("_runtime", "_per_second"))
 
-    ``stages``: stage folders / log files (see :func:`load_log_history`), or ``(name, log_history)`` pairs.
+
+def _row_of(key: str) -> str:
+    """The panel row a logged key is drawn in: every loss term (and its validation twin) in the
+    ``loss`` row, any other key (and its ``eval_`` twin) in its own row."""
+    base = key[len("eval_"):] if key.startswith("eval_") else key
+    return "loss" if base == "loss" or base.startswith("loss_") else base
+
+
+def stage_series(stages: Sequence[tuple[str, list[dict]]], keys: Sequence[str] | None = None) -> list[tuple[str, dict[str, list[tuple[float, float]]]]]:
+    """Each stage's curves on its own step axis: ``[(stage, {key: [(step, value), ...]}), ...]``.
+
+    Without ``keys`` every logged key but the bookkeeping ones is kept; with ``keys``, those keys
+    and their validation twins (``eval_<key>``, logged when the recipe evaluates during training).
     """
+    wanted = None if keys is None else set(keys) | {f"eval_{k}" for k in keys}
+    found = []
+    for name, history in stages:
+        series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        for entry in history:
+            step = entry.get("step")
+            if not isinstance(step, (int, float)):
+                continue
+            for key, value in entry.items():
+                if (wanted is not None and key not in wanted) or (wanted is None and _is_bookkeeping(key)):
+                    continue
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    series[key].append((float(step), float(value)))
+        found.append((name, dict(series)))
+    return found
+
+
+def _label(key: str) -> str:
+    if key.startswith("eval_"):
+        return "validation " + _label(key[len("eval_"):])
+    return {"loss": "loss", "loss_reg": "L_reg", "loss_moco": "L_moco"}.get(key, key)
+
+
+def training_figure(stages: Sequence, keys: Sequence[str] | None = None, title: str | None = None):
+    """The figure of :func:`plot_training_curves` (a matplotlib ``Figure``): one column per stage, each
+    on its own step axis, one row per logged quantity (all loss terms share the ``loss`` row);
+    validation values (``eval_*``) are drawn as dashed lines with markers."""
     loaded: list[tuple[str, list[dict]]] = []
     for stage in stages:
         if isinstance(stage, tuple):
             loaded.append((str(stage[0]), list(stage[1])))
         else:
             loaded.extend(load_log_history(stage))
-    curves, spans = stage_curves(loaded, keys)
-    if not curves:
+    series = stage_series(loaded, keys)
+    all_keys = sorted({key for _, curves in series for key in curves}, key=lambda k: (_row_of(k) != "loss", _row_of(k), k.startswith("eval_"), k))
+    if not all_keys:
         raise ValueError("no numeric values logged with a step in these stages")
+    rows = list(dict.fromkeys(_row_of(k) for k in all_keys))
     plt = _pyplot()
-    names = sorted(curves, key=lambda k: (k != "loss", k))
-    columns = min(3, len(names))
-    rows = math.ceil(len(names) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
+    columns = len(series)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(max(6.0, 3.1 * columns), 2.5 * len(rows) + 1.2),
+                             squeeze=False, layout="constrained")
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, key in zip(axes.flat, names):
-        for index, (stage, start, end) in enumerate(spans):
-            points = [(x, y) for x, y, s in curves[key] if s == index]
-            if points:
-                ax.plot(*zip(*points), marker="." if len(points) < 30 else None, color=colours[index % len(colours)], label=stage)
-            if index:
-                ax.axvline(start, color="grey", linestyle="--", linewidth=0.8)
-        ax.set_xlim(0, max(1.0, spans[-1][2]))  # every panel spans all the stages
-        ax.set_title(key)
-        ax.set_xlabel("step (stages one after the other)")
-    for ax in list(axes.flat)[len(names) :]:
-        ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), fontsize="small")
-    if title:
-        fig.suptitle(title, y=0.02, fontsize="small")
-    fig.tight_layout(rect=(0, 0.03, 1, 0.92))
+    base_keys = list(dict.fromkeys(k[len("eval_"):] if k.startswith("eval_") else k for k in all_keys))
+    colour_of = {k: colours[i % len(colours)] for i, k in enumerate(base_keys)}
+    for column, (stage, curves) in enumerate(series):
+        last = max((x for points in curves.values() for x, _ in points), default=0.0)
+        for row, row_name in enumerate(rows):
+            ax = axes[row][column]
+            drawn = False
+            for key in all_keys:
+                if _row_of(key) != row_name or not curves.get(key):
+                    continue
+                xs, ys = zip(*curves[key])
+                validation = key.startswith("eval_")
+                base = key[len("eval_"):] if validation else key
+                ax.plot(xs, ys, color=colour_of[base], linestyle="--" if validation else "-",
+                        marker="o" if validation or len(xs) < 30 else None, markersize=3, label=_label(key),
+                        linewidth=1.8 if base == "loss" else 1.1)
+                drawn = True
+            if not drawn:
+                ax.text(0.5, 0.5, "not logged", transform=ax.transAxes, ha="center", va="center", color="grey")
+            ax.set_xlim(0, max(1.0, last))
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize="small")
+            if row == 0:
+                ax.set_title(f"{stage}\n{int(last)} steps", fontsize="medium")
+            if row == len(rows) - 1:
+                ax.set_xlabel("step of this stage", fontsize="small")
+            if column == 0:
+                ax.set_ylabel(row_name)
+    handles: dict[str, Any] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=min(6, len(handles)), fontsize="small")
+    fig.suptitle(title or "training curves per stage", fontsize="large")
+    return fig
+
+
+def plot_training_curves(stages: Sequence, path: str | Path, keys: Sequence[str] | None = None, title: str | None = None) -> Path:
+    """Training curves (paper Fig. 3) saved as a PNG: one panel per stage and quantity, every stage on
+    its own step axis, validation curves where the stage logged them (see :func:`training_figure`).
+
+    ``stages``: stage folders / log files (see :func:`load_log_history`), or ``(name, log_history)`` pairs.
+    """
+    plt = _pyplot()
+    fig = training_figure(stages, keys, title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

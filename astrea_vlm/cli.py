@@ -143,10 +143,13 @@ def load_image_list(path: str | os.PathLike) -> list:
             raise ValueError(f"{path} holds no image files and is not a `datasets` folder")
         return [str(p) for p in files]
     base = path.parent
+    from astrea_vlm.eval.data import parse_json
+
     if path.suffix == ".jsonl":
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = path.read_text(encoding="utf-8").splitlines()
+        records = [parse_json(line, path, number) for number, line in enumerate(lines, start=1) if line.strip()]
     elif path.suffix == ".json":
-        records = json.loads(path.read_text(encoding="utf-8"))
+        records = parse_json(path.read_text(encoding="utf-8"), path)
         if isinstance(records, dict):
             found = next((records[k] for k in ("data", "records", "images") if isinstance(records.get(k), list)), None)
             if found is None:

@@ -197,6 +197,36 @@ def polygon_area(points: Sequence[Sequence[float]]) -> float:
     return 0.5 * float(np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y))
 
 
+def clip_polygon(points: Sequence[Sequence[float]], width: float, height: float) -> list[tuple[float, float]]:
+    """The part of a polygon inside the image ``[0, width] x [0, height]`` (Sutherland-Hodgman
+    against the image's four edges; exact, since the image is convex). Empty when nothing is inside."""
+    def cut(pts, inside, cross):
+        out = []
+        for i, current in enumerate(pts):
+            previous = pts[i - 1]
+            if inside(current):
+                if not inside(previous):
+                    out.append(cross(previous, current))
+                out.append(current)
+            elif inside(previous):
+                out.append(cross(previous, current))
+        return out
+
+    def at_x(x):
+        return lambda a, b: (x, a[1] + (b[1] - a[1]) * (x - a[0]) / (b[0] - a[0]))
+
+    def at_y(y):
+        return lambda a, b: (a[0] + (b[0] - a[0]) * (y - a[1]) / (b[1] - a[1]), y)
+
+    pts = [(float(x), float(y)) for x, y in points]
+    for inside, cross in ((lambda p: p[0] >= 0, at_x(0.0)), (lambda p: p[0] <= width, at_x(float(width))),
+                          (lambda p: p[1] >= 0, at_y(0.0)), (lambda p: p[1] <= height, at_y(float(height)))):
+        if not pts:
+            break
+        pts = cut(pts, inside, cross)
+    return pts
+
+
 def _drop_collinear(points: list[tuple[int, int]]) -> list[tuple[int, int]]:
     n = len(points)
     kept = []

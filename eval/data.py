@@ -38,6 +38,15 @@ METRICS = ("vqa", "exact_match", "multiple_choice", "grounding", "caption")
 _LIST_KEYS = ("data", "records", "annotations", "questions")
 
 
+def parse_json(text: str, path: Path, line: int | None = None):
+    """``json.loads`` whose syntax error names the file (and the JSONL line)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        where = f"line {line}, column {err.colno}" if line is not None else f"line {err.lineno}, column {err.colno}"
+        raise ValueError(f"{path} is not valid {'JSONL' if line is not None else 'JSON'}: {err.msg} at {where}") from None
+
+
 def load_records(path: str | Path) -> tuple[list[dict], Path]:
     """Records of a local data file or folder, and the folder that relative image paths start from."""
     path = Path(path)
@@ -56,9 +65,9 @@ def load_records(path: str | Path) -> tuple[list[dict], Path]:
         return [dict(r) for r in loaded], path
     if path.suffix == ".jsonl":
         lines = path.read_text(encoding="utf-8").splitlines()
-        records = [json.loads(line) for line in lines if line.strip()]
+        records = [parse_json(line, path, number) for number, line in enumerate(lines, start=1) if line.strip()]
     elif path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = parse_json(path.read_text(encoding="utf-8"), path)
         if isinstance(data, Mapping):
             key = next((k for k in _LIST_KEYS if isinstance(data.get(k), list)), None)
             if key is None:

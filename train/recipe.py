@@ -112,8 +112,15 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     import yaml
 
     path = resolve_recipe(path)
-    with open(path) as handle:
-        raw = yaml.safe_load(handle) or {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as err:  # a syntax error: name the file and the place, not a parser trace
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"recipe {path} is not valid YAML: {getattr(err, 'problem', None) or err}{where}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"recipe {path}: a recipe is a YAML mapping of fields (model, data, order, ...), got {type(raw).__name__}")
     known = {"model", "data", "order", "optim", "align", "instruct", "output_dir", "save_steps", "logging_steps", "cache", "seed"}
     unknown = sorted(set(raw) - known)
     if unknown:

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from ...geometry import mask_to_polygons, polygon_area, rle_decode
+from ...geometry import clip_polygon, mask_to_polygons, polygon_area, rle_decode
 from .annotations import AlignmentSource, AnnotatedImage, ObjectAnnotation
-from .report import BuildReport, check_image_file, read_json
+from .report import PYTHON_HINT, BuildReport, check_image_file, read_json
 
 
 def _is_number(value: Any) -> bool:
@@ -79,6 +79,37 @@ def _parse_segmentation(seg: Any, width: int, height: int) -> tuple[str | None, 
     return "wrong_type", "segmentation must be a polygon list or an RLE object"
 
 
+def _check_box(x: float, y: float, w: float, h: float, width: int, height: int) -> tuple[str | None, str, bool]:
+    """``(problem kind or None, detail, clipped)`` of a positive-size COCO box on a ``width`` x ``height`` image.
+
+    Wholly outside the image: ``box_outside_image``. Touching it only along an edge (zero width or
+    height once clipped): ``bad_bbox``. Partly outside: kept, clipped to the image (``clipped``).
+    """
+    x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, float(width)), min(y + h, float(height))
+    if x1 > x2 or y1 > y2:
+        return "box_outside_image", f"lies wholly outside the {width}x{height} image", False
+    if x1 == x2 or y1 == y2:
+        return "bad_bbox", f"has zero {'width' if x1 == x2 else 'height'} once clipped to the {width}x{height} image", False
+    return None, "", (x1, y1, x2, y2) != (x, y, x + w, y + h)
+
+
+def _check_polygon(polygon: list[tuple[float, float]], width: int, height: int) -> tuple[str | None, Any, bool]:
+    """``(problem kind or None, polygon or message, clipped)``: the polygon's part inside the image.
+
+    Nothing inside: ``polygon_outside_image``; only an edge or a point inside (zero area):
+    ``bad_polygon``; partly outside: its inside part, ``clipped``.
+    """
+    inside = clip_polygon(polygon, width, height)
+    xs, ys = [p[0] for p in polygon], [p[1] for p in polygon]
+    if not inside or max(xs) < 0 or max(ys) < 0 or min(xs) > width or min(ys) > height:
+        return "polygon_outside_image", f"polygon lies wholly outside the {width}x{height} image", False
+    if abs(polygon_area(inside)) == 0.0:
+        return "bad_polygon", f"polygon has zero area inside the {width}x{height} image", False
+    if inside == [(float(a), float(b)) for a, b in polygon]:
+        return None, polygon, False
+    return None, inside, True
+
+
 def _read_tags(path: str | os.PathLike, report: BuildReport) -> dict[Any, list[str]]:
     """``key -> tags``: keys are file names (full and base name) or image ids."""
     data = read_json(path, "tags")
@@ -125,6 +156,7 @@ def load_coco(
     verify_images: bool | str = True,
     name: str = "coco",
     log=print,
+    hint: str = PYTHON_HINT,
 ) -> AlignmentSource:
     """COCO captions / instances (boxes + polygons or RLE) and RAM-style tags as an :class:`AlignmentSource`.
 
@@ -135,7 +167,11 @@ def load_coco(
     or else instance category names), detection (instances), segmentation (instances with
     ``segmentation``). ``verify_images=True`` opens and verifies every file (``PIL.Image.verify``:
     the header, and the chunk checksums of a PNG), ``"full"`` also decodes it (finds truncated JPEGs;
-    slow at COCO scale), False only checks that it exists. Malformed records: :mod:`.report`.
+    slow at COCO scale), False only checks that it exists. Boxes and polygons: wholly outside the
+    image is a record error (``box_outside_image``, ``polygon_outside_image``), zero width, height
+    or area inside it too (``bad_bbox``, ``bad_polygon``); partly outside, they are clipped to the
+    image and counted in ``report.clipped``. Malformed records: :mod:`.report` (``hint``: how the
+    error says to skip them).
     """
     if captions is None and instances is None:
         raise ValueError("load_coco needs `captions` and/or `instances`")
@@ -229,6 +265,13 @@ def load_coco(
                 report.add("bad_bbox", ref, f"bbox {list(bbox)} has non-positive size")
                 bad_images.add(image_id)
                 continue
+            kind, detail, clipped = _check_box(x, y, w, h, width, height)
+            if kind is not None:
+                report.add(kind, ref, f"bbox {list(bbox)} {detail}")
+                bad_images.add(image_id)
+                continue
+            if clipped:
+                report.clip("bbox", ref)
             if ann["category_id"] not in categories:
                 report.add("unknown_category", ref, f"category_id {ann['category_id']!r} is not in `categories`")
                 bad_images.add(image_id)
@@ -236,17 +279,16 @@ def load_coco(
             polygon = None
             if has_segmentation:
                 kind, value = _parse_segmentation(ann["segmentation"], width, height)
+                if kind is None:
+                    kind, value, clipped = _check_polygon(value, width, height)
+                    if clipped:
+                        report.clip("polygon", ref)
                 if kind is not None:
                     report.add(kind, ref, value)
                     bad_images.add(image_id)
                     continue
                 polygon = value
-            box = (
-                min(max(x / width, 0.0), 1.0),
-                min(max(y / height, 0.0), 1.0),
-                min(max((x + w) / width, 0.0), 1.0),
-                min(max((y + h) / height, 0.0), 1.0),
-            )
+            box = (max(x, 0.0) / width, max(y, 0.0) / height, min(x + w, width) / width, min(y + h, height) / height)
             area = float(ann["area"]) if _is_number(ann.get("area")) else w * h
             object_map[image_id].append(ObjectAnnotation(categories[ann["category_id"]], box, area, polygon))
 
@@ -306,5 +348,5 @@ def load_coco(
         )
         if present
     )
-    report.finish(skip_invalid, log)
+    report.finish(skip_invalid, log, hint)
     return AlignmentSource(name, kept, report, stages)

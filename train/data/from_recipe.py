@@ -9,6 +9,7 @@ from ...geometry import DEFAULT_MAX_VERTICES, DEFAULT_TOLERANCE
 from .annotations import AlignmentSource
 from .coco import load_coco
 from .llava import load_llava
+from .report import RECIPE_HINT
 from .qa import build_qa_dataset
 from .synthetic_source import synthetic_scenes, synthetic_source
 from .targets import build_stage_dataset
@@ -50,10 +51,30 @@ def load_source(data: Mapping[str, Any] | None = None, split: str = "train", log
     if kind == "coco":
         if "images" not in cfg:
             raise ValueError("data config: source coco needs `images` (the image folder)")
-        return load_coco(cfg["images"], captions=cfg.get("coco_captions"), instances=cfg.get("coco_instances"), tags=cfg.get("tags"),
-                         skip_invalid=bool(cfg.get("skip_invalid", False)), verify_images=cfg.get("verify_images", True),
-                         name=f"coco-{split}", log=log)
+        key = _coco_key(cfg, split)
+        if key not in _COCO_SOURCES:  # the stages of a run share one load (and one printed report)
+            _COCO_SOURCES.clear()
+            _COCO_SOURCES[key] = load_coco(
+                cfg["images"], captions=cfg.get("coco_captions"), instances=cfg.get("coco_instances"), tags=cfg.get("tags"),
+                skip_invalid=bool(cfg.get("skip_invalid", False)), verify_images=cfg.get("verify_images", True),
+                name=f"coco-{split}", log=log, hint=RECIPE_HINT)
+        return _COCO_SOURCES[key]
     raise ValueError(f"data config: unknown source {kind!r}; use 'synthetic' or 'coco'")
+
+
+_COCO_SOURCES: dict[tuple, AlignmentSource] = {}
+
+
+def _coco_key(cfg: Mapping[str, Any], split: str) -> tuple:
+    """What a COCO load depends on: the settings and each file's size and modification time."""
+    import os
+
+    stamps = []
+    for name in ("images", "coco_captions", "coco_instances", "tags"):
+        path = cfg.get(name)
+        stat = os.stat(path) if path and os.path.exists(path) else None
+        stamps.append((name, str(path), stat and (stat.st_size, stat.st_mtime_ns)))
+    return (split, tuple(stamps), bool(cfg.get("skip_invalid", False)), str(cfg.get("verify_images", True)))
 
 
 def stage_dataset(data: Mapping[str, Any] | None, stage_index: int, order: str | Sequence[Any] | None = None,
@@ -80,6 +101,7 @@ def stage_dataset(data: Mapping[str, Any] | None, stage_index: int, order: str |
         skip_invalid=bool(cfg.get("skip_invalid", False)),
         image_position=cfg.get("image_position", "before"),
         log=log,
+        hint=RECIPE_HINT,
     )
 
 
@@ -97,7 +119,7 @@ def instruct_dataset(data: Mapping[str, Any] | None = None, split: str = "train"
                                       image_position=cfg.get("image_position", "before")))
     if cfg.get("instruct"):
         dataset, _ = load_llava(cfg["instruct"], cfg.get("instruct_images"), skip_invalid=bool(cfg.get("skip_invalid", False)),
-                                verify_images=cfg.get("verify_images", True), log=log)
+                                verify_images=cfg.get("verify_images", True), log=log, hint=RECIPE_HINT)
         parts.append(dataset)
     if not parts:
         raise ValueError("data config: no instruction data; use source: synthetic or give `instruct` (LLaVA JSON)")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .qa import instruct_features
-from .report import BuildReport, check_image_file, read_json
+from .report import PYTHON_HINT, BuildReport, check_image_file, read_json
 from .rows import make_dataset
 
 
@@ -102,12 +102,12 @@ def llava_record_to_row(record: Any, index: int, images_dir: str | os.PathLike |
 
 
 def load_llava(path: str | os.PathLike, images_dir: str | os.PathLike | None = None, *, skip_invalid: bool = False,
-               verify_images: bool | str = True, log=print):
+               verify_images: bool | str = True, log=print, hint: str = PYTHON_HINT):
     """LLaVA-style conversation JSON as a TRL conversational VLM dataset (``question_type="conversation"``).
 
     Returns ``(dataset, report)``. Malformed records are reported by id (see
     :func:`llava_record_to_row`); by default a ValueError is raised, with ``skip_invalid=True``
-    they are dropped and listed in ``report.dropped``.
+    they are dropped and listed in ``report.dropped`` (``hint``: how the error says to skip them).
     """
 
     data = read_json(path, "LLaVA conversation")
@@ -123,5 +123,5 @@ def load_llava(path: str | os.PathLike, images_dir: str | os.PathLike | None = N
         else:
             rows.append(row)
     report.kept = len(rows)
-    report.finish(skip_invalid, log)
+    report.finish(skip_invalid, log, hint)
     return make_dataset(rows, instruct_features()), report

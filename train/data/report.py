@@ -2,7 +2,11 @@
 
 Every malformed record is counted per kind (:data:`PROBLEM_KINDS`) with the offending id; the
 loader then raises :class:`InvalidDataError` listing them, or with ``skip_invalid=True`` drops
-every image (or conversation) that has a problem and lists it in ``report.dropped``.
+every image (or conversation) that has a problem and lists it in ``report.dropped``. Repairs that
+keep a record (a box or polygon partly outside its image, clipped to it) are counted in
+``report.clipped``. The report is shown once: printed when the build goes on, carried by the
+error when it stops. The error's hint is written in the syntax of where the user sets
+``skip_invalid``: :data:`PYTHON_HINT` (a keyword argument) or :data:`RECIPE_HINT` (the recipe YAML).
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ PROBLEM_KINDS: tuple[str, ...] = (
     "unknown_image",
     "unknown_category",
     "bad_bbox",
+    "box_outside_image",
     "bad_polygon",
+    "polygon_outside_image",
     "bad_rle",
     "missing_labels",
     "bad_conversation",
@@ -31,14 +37,32 @@ PROBLEM_KINDS: tuple[str, ...] = (
 )
 
 
+#: How to turn skipping on, in the words of where the user writes: a Python call or a recipe.
+PYTHON_HINT = "pass skip_invalid=True"
+RECIPE_HINT = "set `skip_invalid: true` in the recipe's `data:` section"
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """``json.load`` of a data file; a syntax error names the file, the line and the column."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} file {path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
 class InvalidDataError(ValueError):
     """Malformed records were found and ``skip_invalid`` was False; ``.report`` holds them."""
 
-    def __init__(self, report: "BuildReport"):
+    def __init__(self, report: "BuildReport", hint: str = PYTHON_HINT):
         self.report = report
-        super().__init__(
-            f"{report.summary()}\nfix these records or pass skip_invalid=True to drop them (they stay listed in the report)"
-        )
+        self.hint = hint
+        super().__init__(f"{report.summary()}\nfix these records or {hint} to drop them (they stay listed in the report)")
 
 
 @dataclass
@@ -49,7 +73,8 @@ class BuildReport:
     problems, image ids for image problems, conversation ids for LLaVA records), ``details[kind]``
     a message for each; ``dropped`` lists the images / conversations left out with
     ``skip_invalid=True``; ``records`` counts the records examined and ``kept`` the images or
-    conversations kept.
+    conversations kept; ``clipped[what]`` lists the annotations (``"bbox"``, ``"polygon"``) partly
+    outside their image that were clipped to it (not a problem: the record is kept).
     """
 
     source: str
@@ -58,6 +83,11 @@ class BuildReport:
     problems: dict[str, list[Any]] = field(default_factory=dict)
     details: dict[str, list[str]] = field(default_factory=dict)
     dropped: list[Any] = field(default_factory=list)
+    clipped: dict[str, list[Any]] = field(default_factory=dict)
+
+    def clip(self, what: str, record_id: Any) -> None:
+        """Count an annotation clipped to its image (``what``: ``"bbox"`` or ``"polygon"``)."""
+        self.clipped.setdefault(what, []).append(record_id)
 
     def add(self, kind: str, record_id: Any, detail: str = "") -> None:
         if kind not in PROBLEM_KINDS:
@@ -78,8 +108,10 @@ class BuildReport:
 
     def summary(self, max_ids: int = 20) -> str:
         head = f"[{self.source}] {self.records} records examined, {self.kept} kept"
+        clipped = [f"  clipped to the image ({what}, partly outside): {len(ids)} -- {', '.join(map(repr, ids[:max_ids]))}"
+                   f"{', ...' if len(ids) > max_ids else ''}" for what, ids in self.clipped.items()]
         if self.ok:
-            return head + ", no problems"
+            return "\n".join([head + ", no problems", *clipped])
         lines = [head + f", {sum(self.counts.values())} problem(s):"]
         for kind in PROBLEM_KINDS:
             if kind not in self.problems:
@@ -93,16 +125,17 @@ class BuildReport:
         if self.dropped:
             more = f", ... (+{len(self.dropped) - max_ids})" if len(self.dropped) > max_ids else ""
             lines.append(f"  dropped ({len(self.dropped)}): {', '.join(map(repr, self.dropped[:max_ids]))}{more}")
-        return "\n".join(lines)
+        return "\n".join(lines + clipped)
 
     __str__ = summary
 
-    def finish(self, skip_invalid: bool, log=print) -> None:
-        """Print the summary; raise :class:`InvalidDataError` on problems unless ``skip_invalid``."""
+    def finish(self, skip_invalid: bool, log=print, hint: str = PYTHON_HINT) -> None:
+        """Raise :class:`InvalidDataError` (which carries the summary) on problems unless
+        ``skip_invalid``; otherwise print the summary. Either way it is shown once."""
+        if not self.ok and not skip_invalid:
+            raise InvalidDataError(self, hint)
         if log is not None:
             log(self.summary())
-        if not self.ok and not skip_invalid:
-            raise InvalidDataError(self)
 
 
 def check_image_file(path: Path, image_id: Any, width: int | None, height: int | None, report: BuildReport,
@@ -131,9 +164,3 @@ def check_image_file(path: Path, image_id: Any, width: int | None, height: int |
     return True
 
 
-def read_json(path: str | os.PathLike, what: str) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file {path} does not exist")
-    with open(path) as handle:
-        return json.load(handle)

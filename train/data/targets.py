@@ -20,6 +20,7 @@ from typing import Any
 from ...geometry import DEFAULT_MAX_VERTICES, DEFAULT_TOLERANCE, format_box, polygon_text, to_grid
 from ..stages import STAGES, normalise_order, stage_roles
 from .annotations import AlignmentSource, AnnotatedImage, ObjectAnnotation
+from .report import PYTHON_HINT
 from .rows import make_dataset, row_features, single_turn_row
 from .synthetic_source import source_from_scenes
 
@@ -155,6 +156,7 @@ def build_stage_dataset(
     skip_invalid: bool = False,
     image_position: str = "before",
     log=print,
+    hint: str = PYTHON_HINT,
 ):
     """The pre-alignment dataset of stage ``stage_index`` (0-based) of ``order`` (cumulative labels).
 
@@ -218,7 +220,7 @@ def build_stage_dataset(
         message = (f"[{source.name}] stage {stage_index + 1} ({own}): {len(shortened['too_long'])} target(s) do not fit "
                    f"{budget} {unit} even with one object: {shortened['too_long'][:20]}")
         if not skip_invalid:
-            raise ValueError(message + "; allow a longer sequence or pass skip_invalid=True to leave them out")
+            raise ValueError(message + f"; allow a longer sequence or {hint} to leave them out")
         if log is not None:
             log(message + " (left out)")
     return make_dataset(rows, row_features({"stage": Value("string")}))

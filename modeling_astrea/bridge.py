@@ -64,4 +64,6 @@ class ResidualBridge(nn.Module):
 
         attended = F.scaled_dot_product_attention(heads(query), heads(self.k_proj(current)), heads(self.v_proj(current)))
         attended = attended.transpose(1, 2).reshape(batch, n, dim)
-        return current + torch.tanh(self.gate) * self.o_proj(attended)
+        # The float32 gate would promote a bf16/fp16 branch (autocast) to float32: the bridged
+        # feature keeps the dtype of the feature it bridges.
+        return current + (torch.tanh(self.gate) * self.o_proj(attended)).to(current.dtype)

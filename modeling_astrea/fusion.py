@@ -18,6 +18,7 @@ form ``E * sum_i frac_i * mean_prob_i`` with ``frac_i`` the share of top-k slots
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -87,13 +88,15 @@ class MoEFusion(nn.Module):
     def forward(self, expert_features: list[torch.Tensor], text_features: torch.Tensor | None = None) -> FusionOutput:
         logits = self.router(expert_features, text_features).float()
         probs = self.route(logits)
-        fused = torch.zeros_like(expert_features[0])
+        # Under autocast a cached (float32) expert can meet a bf16 one: mix in the widest dtype.
+        dtype = functools.reduce(torch.promote_types, [feature.dtype for feature in expert_features])
+        fused = torch.zeros_like(expert_features[0], dtype=dtype)
         for index, (adapter, feature) in enumerate(zip(self.adapters, expert_features)):
             rows = probs[:, index].nonzero(as_tuple=True)[0]
             if rows.numel() == 0:
                 continue
             weight = probs[rows, index].to(feature.dtype)[:, None, None]
-            fused = fused.index_add(0, rows, weight * adapter(feature[rows]))
+            fused = fused.index_add(0, rows, (weight * adapter(feature[rows])).to(dtype))
         full = logits.softmax(dim=-1)
         share = (probs > 0).float().mean(dim=0) / self.top_k
         balance = self.num_experts * (share * full.mean(dim=0)).sum()

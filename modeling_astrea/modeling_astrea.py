@@ -301,8 +301,12 @@ class AstreaModel(AstreaPreTrainedModel):
         tower_features = tower_features or {}
         out = {}
         for role in self.active_roles:
+            projector = self.projectors[role]
+            dtype = projector.layers[0].weight.dtype
             if role in expert_features:
-                out[role] = _check_features(f"expert_features['{role}']", expert_features[role], self.config.num_visual_tokens, self.config.text_config.hidden_size)
+                # Cached C_i are float32; a bf16/fp16 model reads them in its own dtype.
+                feature = _check_features(f"expert_features['{role}']", expert_features[role], self.config.num_visual_tokens, self.config.text_config.hidden_size)
+                out[role] = feature.to(dtype)
                 continue
             if role in tower_features:
                 width = self.projectors[role].layers[0].in_features
@@ -314,8 +318,7 @@ class AstreaModel(AstreaPreTrainedModel):
                     f"no input for the {role} expert: pass `pixel_values_{role}` (AstreaProcessor makes it) "
                     f"or its cached features in `tower_features['{role}']` / `expert_features['{role}']`"
                 )
-            projector = self.projectors[role]
-            out[role] = projector(tokens.to(projector.layers[0].weight.dtype))
+            out[role] = projector(tokens.to(dtype))
         counts = {role: feature.shape[0] for role, feature in out.items()}
         if len(set(counts.values())) > 1:
             raise ValueError(f"every expert needs the same number of images (pixel_values_<role> / features), got {counts}")

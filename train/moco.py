@@ -103,11 +103,16 @@ class MomentumContrast(nn.Module):
 
     @torch.no_grad()
     def key(self, bridged: list[torch.Tensor], text_features: torch.Tensor | None = None) -> torch.Tensor:
-        fused = self.fusion([b.detach() for b in bridged], text_features).fused
+        # Runs after the autocast forward: bf16 features meet the momentum copy's own dtype.
+        dtype = next(self.fusion.parameters()).dtype
+        text_features = None if text_features is None else text_features.detach().to(dtype)
+        fused = self.fusion([b.detach().to(dtype) for b in bridged], text_features).fused
         return F.normalize(self.head(_random_half_mean(fused)), dim=-1)
 
     def loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Eq. 5-7 (see the module docstring); ``q`` carries gradients, ``k`` does not."""
+        # In float32 whatever the training precision: a bf16 softmax over similarities / tau blurs the positive.
+        q = q.float()
         k = k.to(q.dtype)
         keys = torch.cat([k, self.queue.to(q.dtype).clone().detach()], dim=0)
         targets = torch.arange(q.shape[0], device=q.device)

@@ -187,7 +187,7 @@ def test_sft_trainer_with_bf16_trains_under_autocast(tmp_path):
     from astrea_vlm.modeling import AstreaForConditionalGeneration
     from astrea_vlm.processing import build_processor
     from astrea_vlm.train.distributed_check import textured_colour_dataset
-    from astrea_vlm.train.schedule import configure_stage
+    from astrea_vlm.train.stages import configure_stage
     from astrea_vlm.train.trainer import AstreaSFTTrainer
 
     config = get_preset("tiny")

@@ -1,6 +1,7 @@
 """A short tiny `astrea instruct` (four alignment stages, then instruction tuning), run once as a
-user runs it: no warning that astrea causes, and the folders it writes carry true model cards whose
-snippets run; `astrea eval --update-card` records results in the card's model-index."""
+user runs it: no warning that astrea causes; the folders it writes carry true model cards whose
+snippets run; `astrea eval --update-card` records results in the card's model-index; the
+validation loss the recipe asks for is logged in every stage and drawn in loss.png."""
 
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ HERE = Path(__file__).resolve().parent
 
 RECIPE = {
     "model": {"preset": "tiny", "seed": 0},
-    "data": {"source": "synthetic", "train_size": 8, "image_size": 48, "seed": 0, "max_objects": 3},
+    "data": {"source": "synthetic", "train_size": 8, "validation_size": 4, "image_size": 48, "seed": 0, "max_objects": 3},
     "optim": {"per_device_train_batch_size": 4},
     "align": {"max_steps": 1, "learning_rate": 2.0e-3, "trainable": ["projector", "bridge"]},
     "instruct": {"max_steps": 1, "learning_rate": 1.0e-3, "trainable": ["router", "adapters", "moco_head", "llm"]},
     "save_steps": 1,
     "logging_steps": 1,
     "cache": True,
+    "eval_steps": 1,  # the validation loss after every step: loss.png's validation curves
 }
 
 
@@ -109,3 +111,18 @@ def test_eval_update_card_records_the_results(trained, tmp_path, monkeypatch, ca
                         "existence (exact_match)": round(results["per_type"]["existence"]["exact_match"], 4),
                         "mean accuracy (short answers)": round(results["metrics"]["mean_accuracy"], 4)}
     assert (root / "run" / "final" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_a_recipe_that_evaluates_logs_validation_loss_and_loss_png_draws_it(trained, tmp_path):
+    from astrea_vlm.eval.report import load_log_history, training_figure
+
+    root, _ = trained
+    stages = sorted((root / "run").glob("align-*")) + [root / "run" / "instruct"]
+    loaded = [entry for stage in stages for entry in load_log_history(stage)]
+    for name, history in loaded:
+        evals = [e for e in history if "eval_loss" in e]
+        assert [e["step"] for e in evals] == [1], name  # one step per stage, evaluated after it
+    fig = training_figure(stages, keys=["loss", "loss_reg", "loss_moco"])
+    for ax in fig.axes:
+        validation = [line for line in ax.get_lines() if line.get_label() == "validation loss"]
+        assert len(validation) == 1 and list(validation[0].get_xdata()) == [1.0]

@@ -52,6 +52,7 @@ class Recipe:
     logging_steps: int = 10
     use_cache: bool = True
     seed: int = 0
+    eval_steps: int = 0  # > 0: the validation split's loss every this many steps of every stage (loss.png draws it)
 
     @property
     def stages(self) -> list[list[str]]:
@@ -63,6 +64,9 @@ class Recipe:
         from trl import SFTConfig
 
         optim = {**self.optim, **phase.optim}
+        if self.eval_steps > 0:  # off by default: with it, the weights differ in the last float bits (measured)
+            overrides = {"eval_strategy": "steps", "eval_steps": self.eval_steps,
+                         "per_device_eval_batch_size": int(optim.get("per_device_train_batch_size", 8)), **overrides}
         return SFTConfig(
             output_dir=str(output_dir),
             max_steps=phase.max_steps,
@@ -121,7 +125,8 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         raise ValueError(f"recipe {path} is not valid YAML: {getattr(err, 'problem', None) or err}{where}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"recipe {path}: a recipe is a YAML mapping of fields (model, data, order, ...), got {type(raw).__name__}")
-    known = {"model", "data", "order", "optim", "align", "instruct", "output_dir", "save_steps", "logging_steps", "cache", "seed"}
+    known = {"model", "data", "order", "optim", "align", "instruct", "output_dir", "save_steps", "logging_steps", "cache", "seed",
+             "eval_steps"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"recipe {path}: unknown field(s) {unknown}; known fields are {sorted(known)}")
@@ -157,6 +162,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         logging_steps=int(raw.get("logging_steps", 10)),
         use_cache=bool(raw.get("cache", True)),
         seed=int(raw.get("seed", 0)),
+        eval_steps=int(raw.get("eval_steps", 0) or 0),
     )
 
 

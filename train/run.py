@@ -77,6 +77,8 @@ def run_align(recipe: Recipe, output_dir: str | Path | None = None, resume: bool
         model, processor, recipe, output,
         lambda index: stage_dataset(recipe.data, index, recipe.order, split="train", processor=processor, log=log),
         resume=resume, log=log,
+        eval_dataset=(lambda index: stage_dataset(recipe.data, index, recipe.order, split="validation", processor=processor,
+                                                  log=log)) if recipe.eval_steps else None,
     )
     model.requires_grad_(True)
     for tower in model.model.towers.values():
@@ -124,7 +126,8 @@ def run_instruct(recipe: Recipe, output_dir: str | Path | None = None, resume: b
     train_target = model
     summary = run_stage(train_target, processor, recipe, phase, phase.trainable, list(model.config.expert_order), dataset,
                         stage_dir, resume, use_moco=phase.use_moco, log=log,
-                        cache_dir=output / "feature_cache" if recipe.use_cache else None)
+                        cache_dir=output / "feature_cache" if recipe.use_cache else None,
+                        eval_dataset=instruct_dataset(recipe.data, split="validation") if recipe.eval_steps else None)
     final = output / "final"
     to_save = train_target.merge_and_unload() if phase.lora else train_target
     save_hub_folder(to_save.eval(), final, processor=processor)

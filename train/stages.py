@@ -191,20 +191,23 @@ def dataset_images(dataset) -> list:
     return images
 
 
-def use_feature_cache(trainer, model, processor, dataset, cache_dir: Path, log=print) -> None:
-    """Fill the cache for this stage's frozen parts and swap the trainer's collator for a cached one."""
+def use_feature_cache(trainer, model, processor, dataset, cache_dir: Path, log=print, eval_dataset=None) -> None:
+    """Fill the cache for this stage's frozen parts (the training images, and the validation images
+    when the stage evaluates) and swap the trainer's collator for a cached one."""
     from .feature_cache import CachedFeatureCollator, FeatureCache
 
     plan = cache_plan(model)
     if not plan["tower"] and not plan["projected"]:
         return
     cache = FeatureCache(cache_dir)
-    images = dataset_images(dataset)
-    for kind, roles in plan.items():
-        if roles:
-            stats = cache.build(model, processor, images, roles=roles, kind=kind, progress=True)
-            log(f"feature cache ({kind}: {', '.join(roles)}): {sum(stats['computed'].values())} computed, "
-                f"{sum(stats['skipped'].values())} reused, {stats['seconds']:.1f} s")
+    # The validation images are cached on their own, after the training images: batched in with
+    # them they would change the training images' batches, and so their features in the last bits.
+    for images in [dataset_images(dataset)] + ([dataset_images(eval_dataset)] if eval_dataset is not None else []):
+        for kind, roles in plan.items():
+            if roles:
+                stats = cache.build(model, processor, images, roles=roles, kind=kind, progress=True)
+                log(f"feature cache ({kind}: {', '.join(roles)}): {sum(stats['computed'].values())} computed, "
+                    f"{sum(stats['skipped'].values())} reused, {stats['seconds']:.1f} s")
     trainer.data_collator = CachedFeatureCollator(trainer.data_collator, cache, model, processor,
                                                   tower_roles=plan["tower"], projected_roles=plan["projected"])
 
@@ -253,7 +256,7 @@ def _last_checkpoint(folder: Path) -> str | None:
 
 
 def run_stage(model, processor, recipe, phase, groups: list[str], roles: list[str], dataset, stage_dir: Path,
-              resume: bool, use_moco: bool, data_collator=None, log=print, cache_dir: Path | None = None):
+              resume: bool, use_moco: bool, data_collator=None, log=print, cache_dir: Path | None = None, eval_dataset=None):
     """Train one stage; skipped when already done, resumed from its last checkpoint when asked.
 
     Freezes everything but the stage's ``groups`` (a PEFT model is configured when it is wrapped),
@@ -261,7 +264,8 @@ def run_stage(model, processor, recipe, phase, groups: list[str], roles: list[st
     recipe's ``TrainingArguments`` (:meth:`Recipe.training_args`), saves the weights and writes
     :data:`DONE` with the stage's fingerprint. With ``cache_dir`` the frozen towers' tokens and the
     finished stages' projected features are computed once into a :class:`FeatureCache` there and
-    read from it while training (paper §3.1.2).
+    read from it while training (paper §3.1.2). With ``eval_dataset`` (a recipe with ``eval_steps``)
+    its loss is logged every ``eval_steps`` steps as ``eval_loss``.
     """
     from .trainer import AstreaSFTTrainer
 
@@ -282,12 +286,13 @@ def run_stage(model, processor, recipe, phase, groups: list[str], roles: list[st
         model=model,
         args=recipe.training_args(phase, stage_dir),
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         processing_class=processor,
         data_collator=data_collator,
         use_moco=use_moco,
     )
     if cache_dir is not None and data_collator is None:
-        use_feature_cache(trainer, model, processor, dataset, cache_dir, log=log)
+        use_feature_cache(trainer, model, processor, dataset, cache_dir, log=log, eval_dataset=eval_dataset)
     checkpoint = _last_checkpoint(stage_dir) if resume else None
     if checkpoint:
         log(f"[{stage_dir.name}] resuming from {checkpoint}")
@@ -302,14 +307,14 @@ def run_stage(model, processor, recipe, phase, groups: list[str], roles: list[st
 
 
 def run_alignment_stages(model, processor, recipe, output: Path, stage_dataset: Callable[[int], Any], resume: bool = False,
-                         log=print) -> list[dict]:
+                         log=print, eval_dataset: Callable[[int], Any] | None = None) -> list[dict]:
     """Progressive pre-alignment: every stage of ``recipe.order`` in turn, into ``output/align-<k>-<roles>``.
 
     ``stage_dataset(k)`` gives stage ``k``'s dataset (cumulative targets). Each stage sets the
     model's alignment stage to its roles (:meth:`AstreaModel.set_alignment_stage`), trains
     ``recipe.align.trainable`` of those roles and reads the frozen parts from the feature cache in
-    ``output/feature_cache`` (when the recipe enables it). Returns the stages' summaries; the
-    model leaves with no alignment stage set.
+    ``output/feature_cache`` (when the recipe enables it); ``eval_dataset(k)``, when given, is stage
+    ``k``'s validation set. Returns the stages' summaries; the model leaves with no alignment stage set.
     """
     cache_dir = output / "feature_cache" if recipe.use_cache else None
     summaries = []
@@ -319,7 +324,7 @@ def run_alignment_stages(model, processor, recipe, output: Path, stage_dataset: 
         dataset = stage_dataset(index)
         summaries.append(
             run_stage(model, processor, recipe, recipe.align, recipe.align.trainable, roles, dataset, stage_dir, resume,
-                      use_moco=False, log=log, cache_dir=cache_dir)
+                      use_moco=False, log=log, cache_dir=cache_dir, eval_dataset=eval_dataset(index) if eval_dataset else None)
         )
     model.model.set_alignment_stage(None)
     return summaries

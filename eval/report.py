@@ -228,10 +228,23 @@ def _label(key: str) -> str:
     return {"loss": "loss", "loss_reg": "L_reg", "loss_moco": "L_moco"}.get(key, key)
 
 
+def _same_as_total(key: str, curves: Mapping[str, list[tuple[float, float]]]) -> bool:
+    """Whether ``key`` is a loss term equal to its stage's total at every logged step (L_reg in a
+    stage without MoCo): drawn, it would only hide the total."""
+    prefix = "eval_" if key.startswith("eval_") else ""
+    if not key[len(prefix):].startswith("loss_"):
+        return False
+    total = curves.get(prefix + "loss") or []
+    term = curves.get(key) or []
+    return len(total) == len(term) and all(a[0] == b[0] and math.isclose(a[1], b[1], rel_tol=1e-6, abs_tol=1e-9)
+                                           for a, b in zip(total, term))
+
+
 def training_figure(stages: Sequence, keys: Sequence[str] | None = None, title: str | None = None):
     """The figure of :func:`plot_training_curves` (a matplotlib ``Figure``): one column per stage, each
-    on its own step axis, one row per logged quantity (all loss terms share the ``loss`` row);
-    validation values (``eval_*``) are drawn as dashed lines with markers."""
+    on its own step axis, one row per logged quantity (all loss terms share the ``loss`` row; a term
+    equal to the total, such as L_reg without MoCo, is left out); validation values (``eval_*``)
+    are drawn as dashed lines with markers."""
     loaded: list[tuple[str, list[dict]]] = []
     for stage in stages:
         if isinstance(stage, tuple):
@@ -255,8 +268,9 @@ def training_figure(stages: Sequence, keys: Sequence[str] | None = None, title: 
         for row, row_name in enumerate(rows):
             ax = axes[row][column]
             drawn = False
-            for key in all_keys:
-                if _row_of(key) != row_name or not curves.get(key):
+            # draw the total last (on top), and a loss term only where it says more than the total
+            for key in sorted(all_keys, key=lambda k: k in ("loss", "eval_loss")):
+                if _row_of(key) != row_name or not curves.get(key) or _same_as_total(key, curves):
                     continue
                 xs, ys = zip(*curves[key])
                 validation = key.startswith("eval_")
@@ -280,7 +294,8 @@ def training_figure(stages: Sequence, keys: Sequence[str] | None = None, title: 
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
-    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=min(6, len(handles)), fontsize="small")
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=min(6, len(handles)), fontsize="small",
+               handlelength=3.5)
     fig.suptitle(title or "training curves per stage", fontsize="large")
     return fig
 

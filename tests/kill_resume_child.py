@@ -73,7 +73,7 @@ def main(output_dir: str, kill: str | None) -> None:
         per_device_train_batch_size=2,  # 3 steps per epoch: the run crosses epoch boundaries
         learning_rate=1e-3,
         bf16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         logging_steps=1,
         report_to=[],
         assistant_only_loss=True,

@@ -37,8 +37,8 @@ def test_each_stage_is_drawn_on_its_own_step_axis_with_validation_where_logged()
             assert set(lines) == {"loss", "L_reg", "L_moco", "validation loss"}
             assert list(lines["validation loss"].get_xdata()) == [250.0 * k for k in range(1, 9)]
             assert lines["validation loss"].get_linestyle() == "--"
-        else:
-            assert set(lines) == {"loss", "L_reg"}  # no validation logged: none drawn
+        else:  # no validation logged: none drawn; L_reg equals the loss without MoCo: left out, not drawn over it
+            assert set(lines) == {"loss"}
     fig.canvas.draw()
     figure_box = fig.bbox
     title = fig._suptitle.get_window_extent()

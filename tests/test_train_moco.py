@@ -37,7 +37,7 @@ def _args(tmp_path, **overrides):
         per_device_train_batch_size=4,
         learning_rate=1e-3,
         bf16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         logging_steps=1,
         report_to=[],
         assistant_only_loss=True,

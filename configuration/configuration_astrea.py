@@ -189,9 +189,17 @@ class AstreaConfig(PreTrainedConfig):
         fusion_adapter_dim (`int`, *optional*):
             Hidden width of each expert's MLP adapter F_i (eq. 10); defaults to the LLM width.
         fusion_router_input (`str`, defaults to `"visual"`):
-            What the linear router reads: ``"visual"`` the mean-pooled projected tokens of all
-            experts (concatenated), or ``"visual+text"`` those plus the mean embedding of the
-            instruction tokens.
+            What the linear router reads. ``"visual"``: the experts' projected tokens only
+            (concatenated). ``"visual+text"``: those plus the *instruction*: for each image, the mean
+            input embedding of the text tokens that precede it in the sequence (padding and image
+            tokens skipped, no gradient into the embeddings). Reading only the text before the image
+            keeps routing causal: an image is routed the same in training and generation and as a
+            conversation grows. With the question before the image (the demo's layout) the router
+            sees the question; with the image first it sees only the system prompt and earlier turns.
+        fusion_routing (`str`, defaults to `"image"`):
+            ``"image"``: one router distribution per image, from the mean-pooled tokens.
+            ``"token"``: one per visual token, from the experts' tokens at that position (the
+            paper's wording); ``router_logits`` / ``router_probs`` are then ``(n_images, N, E)``.
         fusion_load_balance_coef (`float`, defaults to 0.0):
             Weight of a Switch-style load-balancing loss added to ``loss`` when labels are given;
             0 disables it (the paper uses none).
@@ -230,6 +238,7 @@ class AstreaConfig(PreTrainedConfig):
     fusion_top_k: int = 3
     fusion_adapter_dim: int | None = None
     fusion_router_input: str = "visual"
+    fusion_routing: str = "image"
     fusion_load_balance_coef: float = 0.0
     moco_queue_size: int = 4096
     moco_momentum: float = 0.999
@@ -348,6 +357,7 @@ class AstreaConfig(PreTrainedConfig):
         _check(1 <= k <= e, "fusion_top_k", k, f"must be between 1 and the number of experts ({e})")
         _check(self.fusion_adapter_dim is None or self.fusion_adapter_dim > 0, "fusion_adapter_dim", self.fusion_adapter_dim, "must be > 0")
         _check(self.fusion_router_input in ("visual", "visual+text"), "fusion_router_input", self.fusion_router_input, "use 'visual' or 'visual+text'")
+        _check(self.fusion_routing in ("image", "token"), "fusion_routing", self.fusion_routing, "use 'image' or 'token'")
         _check(self.fusion_load_balance_coef >= 0, "fusion_load_balance_coef", self.fusion_load_balance_coef, "must be >= 0")
         _check(self.moco_queue_size >= 1, "moco_queue_size", self.moco_queue_size, "must be >= 1")
         _check(0.0 <= self.moco_momentum < 1.0, "moco_momentum", self.moco_momentum, "m must lie in [0, 1) (eq. 8)")

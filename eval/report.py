@@ -86,21 +86,70 @@ def router_table(results: Sequence, group_by: str = "question_type") -> tuple[di
     return table, list(order), dict(counts)
 
 
-def router_markdown(table: Mapping[str, Mapping[str, float]], expert_order: Sequence[str], n_images: Mapping[str, int] | None = None) -> str:
-    """The router table as markdown: one row per group, one column per expert (4 decimals)."""
-    lines = ["| group | images | " + " | ".join(expert_order) + " |", "| --- | --- | " + " | ".join("---" for _ in expert_order) + " |"]
+def routing_summary(table: Mapping[str, Mapping[str, float]], expert_order: Sequence[str], n_images: Mapping[str, int]) -> dict:
+    """How much routing follows the task: the largest total-variation distance between two groups'
+    mean distributions (``tv_max``, ``tv_pair``) and each expert's mean probability over all images."""
+    groups = sorted(table)
+    pairs = [(a, b) for i, a in enumerate(groups) for b in groups[i + 1 :]]
+
+    def tv(a, b):
+        return 0.5 * sum(abs(table[a][e] - table[b][e]) for e in expert_order)
+
+    pair = max(pairs, key=lambda p: tv(*p)) if pairs else None
+    total = sum(n_images[g] for g in groups)
+    return {
+        "tv_max": tv(*pair) if pair else 0.0,
+        "tv_pair": list(pair) if pair else None,
+        "expert_mean": {e: sum(table[g][e] * n_images[g] for g in groups) / total for e in expert_order},
+    }
+
+
+def describe_router(router: Mapping | None, image_position: str | None = None) -> str:
+    """One sentence on what the router reads (from a results JSON's ``router`` entry)."""
+    if not router:
+        return "Router input unknown (results written before astrea recorded it)."
+    text = "the experts' projected tokens"
+    if router.get("input") == "visual+text":
+        where = {"after": " (the prompt comes first: this is the question)",
+                 "before": " (the image comes first: only the chat's opening, not the question)"}.get(image_position or "", "")
+        text += f" and the mean embedding of the text before the image{where}"
+    unit = "each visual token" if router.get("routing") == "token" else "each image"
+    return f"The router reads {text}; it routes {unit} to its top-{router.get('top_k', '?')} experts."
+
+
+def router_markdown(table: Mapping[str, Mapping[str, float]], expert_order: Sequence[str], n_images: Mapping[str, int] | None = None,
+                    expected: Mapping[str, Sequence[str]] | None = None) -> str:
+    """The router table as markdown: one row per group, one column per expert (4 decimals).
+
+    With ``expected`` (group -> experts a reading such as the paper's Fig. 2 expects to lead), two
+    more columns: that reading and whether the group's top expert is among them.
+    """
+    head = "| group | images | " + " | ".join(expert_order) + " |"
+    rule = "| --- | --- | " + " | ".join("---" for _ in expert_order) + " |"
+    if expected is not None:
+        head += " top expert | Fig. 2 reading | agrees |"
+        rule += " --- | --- | --- |"
+    lines = [head, rule]
     for group in sorted(table):
         n = "" if n_images is None else str(n_images.get(group, ""))
-        lines.append(f"| {group} | {n} | " + " | ".join(f"{table[group][e]:.4f}" for e in expert_order) + " |")
+        row = f"| {group} | {n} | " + " | ".join(f"{table[group][e]:.4f}" for e in expert_order) + " |"
+        if expected is not None:
+            top = max(expert_order, key=lambda e: table[group][e])
+            reading = expected.get(group)
+            row += f" {top} | {' / '.join(reading) if reading else '-'} | {('yes' if top in reading else 'no') if reading else '-'} |"
+        lines.append(row)
     return "\n".join(lines) + "\n"
 
 
-def plot_router_bars(table: Mapping[str, Mapping[str, float]], expert_order: Sequence[str], path: str | Path, title: str | None = None) -> Path:
-    """Grouped bar chart of the router table (paper Fig. 2) saved as a PNG."""
+def plot_router_bars(table: Mapping[str, Mapping[str, float]], expert_order: Sequence[str], path: str | Path, title: str | None = None,
+                     caption: str | None = None) -> Path:
+    """Grouped bar chart of the router table (paper Fig. 2) saved as a PNG; ``caption`` is printed below it."""
+    import textwrap
+
     plt = _pyplot()
     groups = sorted(table)
     width = 0.8 / max(1, len(expert_order))
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(groups) + 2), 3.5))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) + 2), 4.2))
     for i, expert in enumerate(expert_order):
         xs = [g + (i - (len(expert_order) - 1) / 2) * width for g in range(len(groups))]
         ax.bar(xs, [table[group][expert] for group in groups], width=width, label=expert)
@@ -110,7 +159,9 @@ def plot_router_bars(table: Mapping[str, Mapping[str, float]], expert_order: Seq
     ax.set_ylabel("mean router probability")
     ax.set_title(title or "router probability per expert")
     ax.legend(fontsize="small", ncol=min(4, len(expert_order)))
-    fig.tight_layout()
+    if caption:
+        fig.text(0.01, 0.01, textwrap.fill(caption, 130), fontsize="x-small", va="bottom")
+    fig.tight_layout(rect=(0, 0.1 if caption else 0, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -118,14 +169,30 @@ def plot_router_bars(table: Mapping[str, Mapping[str, float]], expert_order: Seq
     return path
 
 
-def write_router_report(results: Sequence, output: str | Path, group_by: str = "question_type") -> tuple[Path, Path]:
-    """``router.md`` and ``router.png`` in ``output`` from results JSONs; returns their paths."""
+def write_router_report(results: Sequence, output: str | Path, group_by: str = "question_type",
+                        expected: Mapping[str, Sequence[str]] | None = None, title: str | None = None) -> tuple[Path, Path]:
+    """``router.md`` and ``router.png`` in ``output`` from results JSONs; returns their paths.
+
+    Both say what the router reads (from the first results' ``router`` entry), the markdown also how
+    far apart the groups' distributions are and each expert's mean; ``expected`` adds a reading to
+    compare with (:func:`router_markdown`).
+    """
     table, order, counts = router_table(results, group_by=group_by)
+    first = _load_results(results[0] if isinstance(results, Sequence) and not isinstance(results, (str, Path)) else results)
+    caption = describe_router(first.get("router"), (first.get("settings") or {}).get("image_position"))
+    summary = routing_summary(table, order, counts)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     md = output / "router.md"
-    md.write_text(f"# Mean router probability per {group_by.replace('_', ' ')}\n\n" + router_markdown(table, order, counts), encoding="utf-8")
-    return md, plot_router_bars(table, order, output / "router.png")
+    pair = f" ({' vs '.join(summary['tv_pair'])})" if summary["tv_pair"] else ""
+    md.write_text(
+        f"# Mean router probability per {group_by.replace('_', ' ')}\n\n{caption}\n\n"
+        + router_markdown(table, order, counts, expected)
+        + f"\nLargest total-variation distance between two groups: {summary['tv_max']:.3f}{pair}. "
+        + "Mean probability per expert over all images: "
+        + ", ".join(f"{e} {v:.3f}" for e, v in summary["expert_mean"].items()) + ".\n",
+        encoding="utf-8")
+    return md, plot_router_bars(table, order, output / "router.png", title=title, caption=caption)
 
 
 # ------------------------------------------------------------------------------ training curves

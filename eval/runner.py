@@ -119,7 +119,8 @@ def load_model(model_dir: str | Path, device: str | None = None, dtype: str = "a
 
 
 class RouterProbsRecorder:
-    """Forward hook collecting the router probabilities (``(n_images, n_experts)``) of each prefill.
+    """Forward hook collecting the router probabilities (``(n_images, n_experts)``; with per-token
+    routing each image's mean over its tokens) of each prefill.
 
     ``generate`` calls the model once with the pixels (the prefill) and then once per new token
     without them; only calls that return ``router_probs`` are kept.
@@ -132,7 +133,8 @@ class RouterProbsRecorder:
     def _hook(self, module, args, output):
         probs = getattr(output, "router_probs", None)
         if probs is not None:
-            self.calls.append(probs.detach().float().cpu())
+            probs = probs.detach().float().cpu()
+            self.calls.append(probs.mean(dim=1) if probs.dim() == 3 else probs)  # per-token routing: the image's mean
 
     def pop(self):
         calls, self.calls = self.calls, []
@@ -302,6 +304,8 @@ def run_eval(
         },
         "prompts": {"version": PROMPT_VERSION, "templates": dict(PROMPTS), "option_format": OPTION_FORMAT, "chat_template": processor.chat_template},
         "expert_order": expert_order,
+        "router": {"input": getattr(model.config, "fusion_router_input", None), "routing": getattr(model.config, "fusion_routing", "image"),
+                   "top_k": getattr(model.config, "fusion_top_k", None)},
         "metrics": metrics,
         "per_type": per_type,
         "samples": samples,

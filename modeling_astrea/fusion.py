@@ -1,10 +1,11 @@
 """Mixture-of-experts fusion of the expert features (paper eq. 9-10).
 
-``ExpertRouter`` is one linear layer. It reads, per image, the mean-pooled tokens of every expert
-(concatenated, ``E * D`` values) and -- with ``fusion_router_input="visual+text"`` -- the mean
-embedding of the sample's instruction tokens. Routing is per image rather than per token: the
-paper's analysis (Fig. 2) is of expert weights per task, and one weight per expert and image keeps
-the fused tokens spatially coherent.
+``ExpertRouter`` is one linear layer over the experts' projected tokens, concatenated (``E * D``
+values), and -- with ``fusion_router_input="visual+text"`` -- the instruction vector the backbone
+passes in (the mean embedding of the text before the image, see ``AstreaModel``). With
+``fusion_routing="image"`` it reads the mean-pooled tokens and routes each image once; with
+``"token"`` it reads each token position and routes every visual token on its own (the paper's
+"probability of the tokens being assigned to each expert").
 
 ``MoEFusion`` keeps the top-k router logits, softmaxes over the kept ones (eq. 9 over the surviving
 set; dropped experts get probability exactly 0) and mixes per-expert MLP adapters::
@@ -27,19 +28,21 @@ from transformers.activations import ACT2FN
 
 
 class ExpertRouter(nn.Module):
-    def __init__(self, num_experts: int, hidden_size: int, use_text: bool):
+    def __init__(self, num_experts: int, hidden_size: int, use_text: bool, per_token: bool = False):
         super().__init__()
         self.use_text = use_text
+        self.per_token = per_token
         in_dim = num_experts * hidden_size + (hidden_size if use_text else 0)
         self.linear = nn.Linear(in_dim, num_experts)
 
     def forward(self, expert_features: list[torch.Tensor], text_features: torch.Tensor | None = None) -> torch.Tensor:
-        pooled = [feature.mean(dim=1) for feature in expert_features]
+        """Logits ``(B, E)``, or ``(B, N, E)`` per token; ``text_features``: ``(B, D)``."""
+        parts = list(expert_features) if self.per_token else [feature.mean(dim=1) for feature in expert_features]
         if self.use_text:
-            if text_features is None:
-                text_features = torch.zeros_like(pooled[0])
-            pooled.append(text_features.to(pooled[0].dtype))
-        return self.linear(torch.cat(pooled, dim=-1))
+            text = torch.zeros_like(expert_features[0][:, 0]) if text_features is None else text_features
+            text = text.to(parts[0].dtype)
+            parts.append(text[:, None].expand(-1, parts[0].shape[1], -1) if self.per_token else text)
+        return self.linear(torch.cat(parts, dim=-1))
 
 
 class ExpertAdapter(nn.Module):
@@ -66,17 +69,18 @@ class ExpertAdapter(nn.Module):
 @dataclass
 class FusionOutput:
     fused: torch.Tensor  # (B, N, D)
-    router_logits: torch.Tensor  # (B, E)
-    router_probs: torch.Tensor  # (B, E), zeros outside the top-k
+    router_logits: torch.Tensor  # (B, E), or (B, N, E) per token
+    router_probs: torch.Tensor  # like router_logits, zeros outside the top-k
     load_balance_loss: torch.Tensor  # scalar
 
 
 class MoEFusion(nn.Module):
-    def __init__(self, num_experts: int, hidden_size: int, adapter_dim: int, top_k: int, use_text: bool, act: str = "gelu"):
+    def __init__(self, num_experts: int, hidden_size: int, adapter_dim: int, top_k: int, use_text: bool, act: str = "gelu",
+                 per_token: bool = False):
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
-        self.router = ExpertRouter(num_experts, hidden_size, use_text)
+        self.router = ExpertRouter(num_experts, hidden_size, use_text, per_token)
         self.adapters = nn.ModuleList(ExpertAdapter(hidden_size, adapter_dim, act) for _ in range(num_experts))
 
     def route(self, logits: torch.Tensor) -> torch.Tensor:
@@ -92,12 +96,15 @@ class MoEFusion(nn.Module):
         dtype = functools.reduce(torch.promote_types, [feature.dtype for feature in expert_features])
         fused = torch.zeros_like(expert_features[0], dtype=dtype)
         for index, (adapter, feature) in enumerate(zip(self.adapters, expert_features)):
-            rows = probs[:, index].nonzero(as_tuple=True)[0]
+            weight = probs[..., index]  # (B,) or (B, N)
+            used = weight > 0
+            rows = (used if used.dim() == 1 else used.any(dim=1)).nonzero(as_tuple=True)[0]
             if rows.numel() == 0:
                 continue
-            weight = probs[rows, index].to(feature.dtype)[:, None, None]
+            weight = weight[rows].to(feature.dtype)
+            weight = weight[:, None, None] if weight.dim() == 1 else weight[..., None]
             fused = fused.index_add(0, rows, (weight * adapter(feature[rows])).to(dtype))
-        full = logits.softmax(dim=-1)
-        share = (probs > 0).float().mean(dim=0) / self.top_k
-        balance = self.num_experts * (share * full.mean(dim=0)).sum()
+        flat_probs, flat_logits = probs.reshape(-1, self.num_experts), logits.reshape(-1, self.num_experts)
+        share = (flat_probs > 0).float().mean(dim=0) / self.top_k
+        balance = self.num_experts * (share * flat_logits.softmax(dim=-1).mean(dim=0)).sum()
         return FusionOutput(fused=fused, router_logits=logits, router_probs=probs, load_balance_loss=balance)

@@ -18,7 +18,8 @@ Forward, top to bottom, for each image (one run of ``num_visual_tokens`` ``<imag
    (both are what :class:`astrea_vlm.train.FeatureCache` stores);
 3. the expert at stage position k>0 passes through its :class:`ResidualBridge` over the earlier
    experts' ``C_i`` (eq. 2-4);
-4. :class:`MoEFusion` routes per image, keeps the top-k experts and mixes their adapters (eq. 9-10).
+4. :class:`MoEFusion` routes each image (or each visual token) from the experts' features and the
+   text before the image, keeps the top-k experts and mixes their adapters (eq. 9-10).
 
 ``generate`` computes steps 1-4 once, in the prefill; the decode steps only run the LLM.
 """
@@ -108,7 +109,8 @@ class AstreaVisualOutput(ModelOutput):
         fused (`(n_images, N, D)`): fused visual tokens that replace the ``<image>`` placeholders.
         expert_features (`dict[str, (n_images, N, D)]`): projector outputs ``C_i`` per expert.
         bridged_features (`dict[str, (n_images, N, D)]`): expert features after the residual bridge.
-        router_logits, router_probs (`(n_images, E)`): router outputs, experts in ``expert_order``.
+        router_logits, router_probs (`(n_images, E)`, or `(n_images, N, E)` with per-token routing): router
+            outputs, experts in ``expert_order``.
         load_balance_loss (`()`): the Switch-style balancing term (used when its coefficient > 0).
     """
 
@@ -136,7 +138,8 @@ class AstreaCausalLMOutputWithPast(ModelOutput):
 
     ``loss`` is the autoregressive loss on answer tokens (``labels != -100``; ``<image>`` positions
     are never targets) plus ``fusion_load_balance_coef * load_balance_loss``.
-    ``router_logits`` / ``router_probs`` are ``(n_images, num_experts)`` in ``config.expert_order``.
+    ``router_logits`` / ``router_probs`` are ``(n_images, num_experts)`` in ``config.expert_order``
+    (``(n_images, N, num_experts)`` with ``fusion_routing="token"``).
     """
 
     loss: torch.Tensor | None = None
@@ -235,6 +238,7 @@ class AstreaModel(AstreaPreTrainedModel):
             top_k=config.fusion_top_k,
             use_text=config.fusion_router_input == "visual+text",
             act=config.projector_hidden_act,
+            per_token=config.fusion_routing == "token",
         )
         # Projection head of the momentum-contrast loss (eq. 5-7): used by the trainer only.
         self.moco_head = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, config.moco_dim))
@@ -360,15 +364,27 @@ class AstreaModel(AstreaPreTrainedModel):
             load_balance_loss=fusion.load_balance_loss,
         )
 
-    def _text_features_per_image(self, input_ids, inputs_embeds, attention_mask, image_mask, n_images):
-        """Mean embedding of each sample's text tokens, repeated for each of its images (router input)."""
-        text_mask = ~image_mask
+    def instruction_features(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, image_mask: torch.Tensor) -> torch.Tensor:
+        """Router input ``(n_images, D)``: per image, the mean embedding of the text tokens before it.
+
+        Only what precedes the image is read -- as the LLM itself reads it, causally -- so the
+        routing of an image is the same in training (prompt + answer) and in generation (prompt),
+        and never changes as a conversation goes on. With the question before the image (the
+        demo's layout) that is the instruction; with the image first, only the system prompt and
+        earlier turns. Padding and other images' tokens are skipped; the result carries no gradient
+        into the embeddings.
+        """
+        text = ~image_mask
         if attention_mask is not None and attention_mask.dim() == 2:
-            text_mask = text_mask & attention_mask.bool()
-        weights = text_mask.to(inputs_embeds.dtype)[..., None]
-        per_sample = (inputs_embeds * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-        images_per_sample = image_mask.sum(1) // self.config.num_visual_tokens
-        return per_sample.repeat_interleave(images_per_sample, dim=0)
+            text = text & attention_mask.bool()
+        weights = text.float()[..., None]
+        sums = (inputs_embeds.detach().float() * weights).cumsum(dim=1)
+        counts = weights.cumsum(dim=1)
+        # Image i fills the i-th run of num_visual_tokens <image> positions (row-major, as masked_scatter fills).
+        batch, position = image_mask.nonzero(as_tuple=True)
+        first = slice(None, None, self.config.num_visual_tokens)
+        batch, position = batch[first], position[first]
+        return sums[batch, position] / counts[batch, position].clamp(min=1.0)
 
     # ----------------------------------------------------------------------- forward
     def forward(
@@ -416,7 +432,7 @@ class AstreaModel(AstreaPreTrainedModel):
                 )
             text_features = None
             if self.fusion.router.use_text:
-                text_features = self._text_features_per_image(input_ids, inputs_embeds, attention_mask, image_mask, n_images)
+                text_features = self.instruction_features(inputs_embeds, attention_mask, image_mask)
             visual = self.get_image_features(pixel_values, expert_features, text_features, tower_features=tower_features)
             fused = visual.fused.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], fused.reshape(-1, fused.shape[-1]))

@@ -169,6 +169,11 @@ def test_demo_pipeline_end_to_end_at_toy_size(tmp_path):
     assert (out / "train" / "final" / "config.json").is_file()
     report = (out / "report.md").read_text()
     assert "| counting |" in report and "![routing](router.png)" in report
+    assert "Fig. 2 reading" in report and "The router reads" in report and "tanh(gate)" in report
+    routing = summary["routing"]
+    assert set(routing["expert_mean"]) == set(recipe_roles := ["caption", "classification", "detection", "segmentation"])
+    assert sum(routing["expert_mean"].values()) == pytest.approx(1.0) and 0.0 <= routing["tv_max"] <= 1.0
+    assert set(routing["tanh_gates"]) == set(recipe_roles[1:])  # one bridge per expert after the first
     assert set(summary["versus_majority"]) == set(syn.question_types)
     for qtype, row in summary["versus_majority"].items():
         assert row["low"] <= row["difference"] <= row["high"] and row["n"] == 3, qtype

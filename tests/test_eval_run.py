@@ -25,10 +25,12 @@ from astrea_vlm.eval.lmms_adapter import HAS_LMMS_EVAL, AstreaLmms
 from astrea_vlm.eval.metrics import exact_match, grounding_accuracy, multiple_choice_accuracy, vqa_accuracy
 from astrea_vlm.eval.prompts import OPTION_FORMAT, PROMPTS, build_prompt
 from astrea_vlm.eval.report import (
+    describe_router,
     load_log_history,
     plot_training_curves,
     router_markdown,
     router_table,
+    routing_summary,
     stage_curves,
     write_router_report,
 )
@@ -247,6 +249,28 @@ def test_router_table_means_by_type_and_by_task(tmp_path):
         assert image.format == "PNG" and image.size[0] > 100 and image.size[1] > 100
     with pytest.raises(ValueError, match="different expert orders"):
         router_table([first, {**second, "expert_order": ["x", "y", "z"]}])
+
+
+def test_routing_summary_and_the_report_say_how_far_routing_follows_the_task(tmp_path):
+    table = {"count": {"a": 0.6, "b": 0.4, "c": 0.0}, "color": {"a": 0.1, "b": 0.4, "c": 0.5}, "box": {"a": 0.5, "b": 0.5, "c": 0.0}}
+    counts = {"count": 2, "color": 1, "box": 1}
+    summary = routing_summary(table, ["a", "b", "c"], counts)
+    assert summary["tv_max"] == pytest.approx(0.5) and summary["tv_pair"] == ["box", "color"]  # 0.5*(0.4+0.1+0.5); count-color also 0.5
+    assert summary["expert_mean"] == pytest.approx({"a": (1.2 + 0.1 + 0.5) / 4, "b": (0.8 + 0.4 + 0.5) / 4, "c": 0.5 / 4})
+    markdown = router_markdown(table, ["a", "b", "c"], counts, expected={"color": ["c"], "box": ["b", "c"]})
+    assert "| color | 1 | 0.1000 | 0.4000 | 0.5000 | c | c | yes |" in markdown
+    assert "| box | 1 | 0.5000 | 0.5000 | 0.0000 | a | b / c | no |" in markdown  # a tie goes to the first expert
+    assert "| count | 2 | 0.6000 | 0.4000 | 0.0000 | a | - | - |" in markdown
+    assert describe_router({"input": "visual+text", "routing": "image", "top_k": 3}, "after") == (
+        "The router reads the experts' projected tokens and the mean embedding of the text before the image "
+        "(the prompt comes first: this is the question); it routes each image to its top-3 experts.")
+    assert "each visual token" in describe_router({"input": "visual", "routing": "token", "top_k": 2})
+    results = _results("qa", [{"question_type": "count", "router_probs": [[0.6, 0.4, 0.0]]}])
+    results["router"], results["settings"] = {"input": "visual+text", "routing": "image", "top_k": 2}, {"image_position": "before"}
+    md, _ = write_router_report([results], tmp_path, expected={"count": ["b"]})
+    text = md.read_text()
+    assert "only the chat's opening, not the question" in text and "| count | 1 | 0.6000 | 0.4000 | 0.0000 | a | b | no |" in text
+    assert "Largest total-variation distance between two groups: 0.000" in text
 
 
 def _stage_logs(tmp_path):

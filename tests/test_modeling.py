@@ -307,16 +307,6 @@ def test_inconsistent_inputs_raise_a_clear_value_error(tester, tiny_model, make_
             tiny_model(**make_inputs(tester))
 
 
-def test_router_reads_the_instruction_when_configured():
-    tester = AstreaModelTester(fusion_router_input="visual+text")
-    model = tester.model()
-    pixels = tester.pixels(1)
-    with torch.no_grad():
-        a = model(input_ids=tester.prompt(seed=1), **pixels).router_logits
-        b = model(input_ids=tester.prompt(seed=2), **pixels).router_logits
-    assert not torch.allclose(a, b)  # same image, other instruction: other routing
-
-
 def test_a_reverse_stage_order_moves_the_bridges():
     order = ["segmentation", "detection", "classification", "caption"]
     tester = AstreaModelTester(expert_order=order)

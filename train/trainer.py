@@ -207,6 +207,7 @@ class AstreaSFTTrainer(SFTTrainer):
 
     def _log_router(self, mode: str, probs: torch.Tensor) -> None:
         probs = self.accelerator.gather_for_metrics(probs.float())
+        probs = probs.reshape(-1, probs.shape[-1])  # per-token routing: every token counts
         mean = probs.mean(dim=0)
         load = (probs > 0).float().mean(dim=0)
         entropy = -(probs.clamp_min(1e-12).log() * probs).sum(dim=-1).mean()

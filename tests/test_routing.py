@@ -1,0 +1,118 @@
+"""Routing that follows the task: what the router reads, per-token routing (eq. 9-10)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from astrea_vlm.modeling.fusion import MoEFusion
+from conftest import AstreaModelTester
+
+IMG = 3  # the tiny preset's image_token_id
+
+
+def _ids(*parts, n_visual=16):
+    """Token ids from parts: ints are text tokens, "img" is one image's run of <image> tokens."""
+    ids = []
+    for part in parts:
+        ids += [IMG] * n_visual if part == "img" else [part]
+    return torch.tensor([ids])
+
+
+def _router_inputs(model, **inputs):
+    """The (expert features, text features) the fusion was called with."""
+    seen = {}
+    handle = model.model.fusion.register_forward_hook(lambda module, args, output: seen.update(args=args))
+    try:
+        with torch.no_grad():
+            out = model(**inputs)
+    finally:
+        handle.remove()
+    return seen["args"], out
+
+
+def test_router_reads_the_mean_embedding_of_the_text_before_each_image():
+    tester = AstreaModelTester(fusion_router_input="visual+text")
+    model = tester.model()
+    # Sample 0: bos 20 21 <img> 22 23 <img> 24; sample 1: left-padded, bos 30 <img> 31 32 <img> 33.
+    first = _ids(1, 20, 21, "img", 22, 23, "img", 24)
+    second = _ids(0, 1, 30, "img", 31, 32, "img", 33)
+    ids = torch.cat([first, second])
+    mask = (ids != 0).long()
+    (features, text), out = _router_inputs(model, input_ids=ids, attention_mask=mask, **tester.pixels(4))
+    embed = model.get_input_embeddings().weight.detach()
+
+    def mean(tokens):
+        return embed[tokens].mean(dim=0)
+
+    expected = torch.stack([mean([1, 20, 21]), mean([1, 20, 21, 22, 23]), mean([1, 30]), mean([1, 30, 31, 32])])
+    torch.testing.assert_close(text, expected)
+    # ...and the logits are the linear router over [pooled experts, text].
+    router = model.model.fusion.router.linear
+    pooled = torch.cat([f.mean(dim=1) for f in features] + [expected], dim=-1)
+    torch.testing.assert_close(out.router_logits, router(pooled))
+
+
+def test_routing_is_causal_the_answer_after_the_image_does_not_change_it():
+    """Training sees prompt + answer, generation the prompt only: the image must be routed the same."""
+    tester = AstreaModelTester(fusion_router_input="visual+text")
+    model = tester.model()
+    pixels = tester.pixels(1)
+    prompt = _ids(1, 20, 21, "img")
+    with torch.no_grad():
+        at_generation = model(input_ids=prompt, **pixels).router_logits
+        in_training = model(input_ids=torch.cat([prompt, torch.tensor([[40, 41, 2]])], dim=1), **pixels).router_logits
+        other_question = model(input_ids=_ids(1, 50, 51, "img"), **pixels).router_logits
+    torch.testing.assert_close(in_training, at_generation, rtol=0, atol=0)
+    assert not torch.allclose(other_question, at_generation)  # same image, other question: other routing
+
+
+def test_visual_only_router_ignores_the_text():
+    tester = AstreaModelTester(fusion_router_input="visual")
+    model = tester.model()
+    pixels = tester.pixels(1)
+    with torch.no_grad():
+        a = model(input_ids=_ids(1, 20, 21, "img"), **pixels).router_logits
+        b = model(input_ids=_ids(1, 50, 51, "img"), **pixels).router_logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_per_token_routing_is_eq_9_10_at_every_token_by_hand():
+    torch.manual_seed(0)
+    experts, batch, tokens, dim, k = 3, 2, 5, 4, 2
+    fusion = MoEFusion(experts, dim, 6, top_k=k, use_text=True, per_token=True).eval()
+    for adapter in fusion.adapters:  # make the adapters non-trivial (fc2 starts at zero)
+        torch.nn.init.normal_(adapter.fc2.weight)
+    features = [torch.randn(batch, tokens, dim) for _ in range(experts)]
+    text = torch.randn(batch, dim)
+    with torch.no_grad():
+        out = fusion(features, text)
+    assert out.router_probs.shape == out.router_logits.shape == (batch, tokens, experts)
+    weight, bias = fusion.router.linear.weight.detach(), fusion.router.linear.bias.detach()
+    for b in range(batch):
+        for t in range(tokens):
+            x = torch.cat([features[i][b, t] for i in range(experts)] + [text[b]])
+            logits = weight @ x + bias
+            kept = sorted(range(experts), key=lambda i: -float(logits[i]))[:k]
+            z = torch.exp(logits[kept] - logits[kept].max())
+            with torch.no_grad():
+                expected = sum((z[j] / z.sum()) * fusion.adapters[i](features[i][b, t]) for j, i in enumerate(kept))
+            torch.testing.assert_close(out.fused[b, t], expected, rtol=1e-5, atol=1e-5)
+            assert int((out.router_probs[b, t] > 0).sum()) == k
+
+
+def test_per_token_model_reports_per_token_probabilities():
+    tester = AstreaModelTester(fusion_routing="token")
+    model = tester.model()
+    with torch.no_grad():
+        out = model(input_ids=_ids(1, 20, "img"), **tester.pixels(1))
+    assert out.router_probs.shape == (1, tester.num_visual_tokens, tester.config.num_experts)
+    torch.testing.assert_close(out.router_probs.sum(-1), torch.ones(1, tester.num_visual_tokens))
+    # Tokens of one image may choose different experts.
+    assert len({tuple((row > 0).tolist()) for row in out.router_probs[0]}) > 1
+
+
+@pytest.mark.parametrize("field, value", [("fusion_routing", "sample")])
+def test_invalid_routing_settings_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        AstreaModelTester(**{field: value})

@@ -344,7 +344,7 @@ def _merge_auto_map(data: dict, entries: dict[str, str]) -> None:
     data["auto_map"] = {**(data.get("auto_map") or {}), **entries}
 
 
-def save_hub_folder(model, folder: str | Path, processor=None, **save_kwargs) -> list[Path]:
+def save_hub_folder(model, folder: str | Path, processor=None, weights: bool = True, **save_kwargs) -> list[Path]:
     """Save ``model`` (and ``processor``) as a folder that loads anywhere with ``trust_remote_code=True``.
 
     ``model.save_pretrained`` writes the safetensors weights and ``config.json``; the generated code
@@ -352,7 +352,9 @@ def save_hub_folder(model, folder: str | Path, processor=None, **save_kwargs) ->
     ``AutoConfig``, ``AutoModel`` and ``AutoModelForImageTextToText`` (and, with a processor,
     ``AutoProcessor`` and ``AutoImageProcessor``) resolve to them. ``generation_config.json`` gets a
     ``max_new_tokens`` (:func:`astrea_vlm.card.default_max_new_tokens`) unless the model has one.
-    Returns the code files written.
+    Returns the code files written. With ``weights=False`` everything but the weights is written
+    (``astrea create`` writes a paper-scale model's shards itself, part by part, from a model on the
+    meta device).
     """
     folder = Path(folder)
     entries = auto_map(model, processor)  # fails before anything is written if the classes cannot be shipped
@@ -361,7 +363,15 @@ def save_hub_folder(model, folder: str | Path, processor=None, **save_kwargs) ->
         from .card import default_max_new_tokens
 
         generation.max_new_tokens = default_max_new_tokens(model.config)  # else generate stops after 20 tokens
-    model.save_pretrained(folder, **save_kwargs)
+    if weights:
+        model.save_pretrained(folder, **save_kwargs)
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        model.config.architectures = [type(model).__name__]
+        model.config.dtype = model.dtype
+        model.config.save_pretrained(folder)
+        if generation is not None:
+            generation.save_pretrained(folder)
     _update_json(folder / "config.json", lambda data: _merge_auto_map(data, entries))
     if processor is not None:
         processor.save_pretrained(folder)

@@ -191,13 +191,14 @@ class AstreaPreTrainedModel(PreTrainedModel):
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         if isinstance(source, (str, os.PathLike)) and os.path.isdir(os.path.join(source, kwargs.get("subfolder") or "")):
             check_weights_folder(os.path.join(source, kwargs.get("subfolder") or ""))
-        model = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info=True
         # Non-persistent tower buffers (relative-position indices, masks) are not in the checkpoint.
         for module in model.modules():
             if isinstance(module, ExpertTower):
                 module.restore_non_persistent_buffers()
                 module.freeze_if_configured()  # loading replaces the parameters, and their requires_grad
-        return model
+        return loaded
 
     def enable_input_require_grads(self):
         """Make the LLM's input embeddings require grad (for adapters / gradient checkpointing).

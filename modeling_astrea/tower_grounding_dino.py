@@ -253,6 +253,7 @@ class GroundingDinoTower(ExpertTower):
             loaded, info = cls.from_pretrained(
                 source,
                 config=copy.deepcopy(self.config.tower_config),
+                dtype=self.input_dtype,
                 output_loading_info=True,
                 ignore_mismatched_sizes=True,  # reported below as a ValueError instead
                 **hub_kwargs,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModel
 
-from .towers import ExpertTower, register_tower
+from .towers import ExpertTower, load_into, register_tower
 
 
 @register_tower("hf_vision")
@@ -34,6 +34,6 @@ class HFVisionTower(ExpertTower):
         return tokens[:, tokens.shape[1] - num_patches :]
 
     def load_pretrained(self, source: str, **hub_kwargs) -> None:
-        loaded = type(self.model).from_pretrained(source, config=self.config.tower_config, **hub_kwargs)
-        self.model.load_state_dict(loaded.state_dict(), strict=True)
+        loaded = type(self.model).from_pretrained(source, config=self.config.tower_config, dtype=self.input_dtype, **hub_kwargs)
+        load_into(self.model, loaded.state_dict(), source)
         self.freeze_if_configured()

@@ -97,10 +97,22 @@ class ExpertTower(nn.Module, abc.ABC):
                 f"{tuple(pixel_values.shape)}; preprocess images with AstreaProcessor"
             )
         dtype = self.input_dtype
+        self._match_buffer_dtype(dtype)
         if self.config.frozen:
             with torch.no_grad():
                 return self.encode(pixel_values.to(dtype))
         return self.encode(pixel_values.to(dtype))
+
+    def _match_buffer_dtype(self, dtype: torch.dtype) -> None:
+        """Give float buffers (attention masks, position tables) the parameters' dtype.
+
+        ``module.to(dtype)`` casts buffers too, but DeepSpeed's bf16 mode converts only the
+        parameters: a float32 Swin attention mask then turns a bf16 attention float32 mid-forward.
+        """
+        for module in self.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
+                    module._buffers[name] = buffer.to(dtype)
 
     @property
     def input_dtype(self) -> torch.dtype:
@@ -223,7 +235,8 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
         return load_file(str(path))
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        # mmap: only the tensors a tower uses are read (a RAM++ file also holds its tagging decoder).
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except Exception as error:
         raise ValueError(f"could not read checkpoint {path} with torch.load(weights_only=True): {error}") from error
     for key in ("model", "state_dict", "module"):
@@ -232,6 +245,13 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
     return obj
+
+
+def _is_zip(path: Path) -> bool:
+    """``torch.save``'s zip format (the only one ``torch.load`` can memory-map)."""
+    import zipfile
+
+    return zipfile.is_zipfile(path)
 
 
 def load_into(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -254,6 +274,11 @@ def load_into(module: nn.Module, state_dict: dict[str, torch.Tensor], source: st
             f"weights from {source} have other shapes than the tower ({len(wrong)} tensors, e.g. {k}: "
             f"{tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}); check the expert's tower_config"
         )
+    if any(tensor.is_meta for tensor in own.values()):
+        # A module built on the meta device (``astrea create`` assembling a paper-scale model): the
+        # checkpoint's tensors become the module's, in the module's dtype, without a second copy.
+        module.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True, assign=True)
+        return
     module.load_state_dict(state_dict, strict=True)
 
 

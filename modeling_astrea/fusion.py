@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
+from transformers.utils import ModelOutput
 
 
 class ExpertRouter(nn.Module):
@@ -67,11 +68,13 @@ class ExpertAdapter(nn.Module):
 
 
 @dataclass
-class FusionOutput:
-    fused: torch.Tensor  # (B, N, D)
-    router_logits: torch.Tensor  # (B, E), or (B, N, E) per token
-    router_probs: torch.Tensor  # like router_logits, zeros outside the top-k
-    load_balance_loss: torch.Tensor  # scalar
+class FusionOutput(ModelOutput):
+    """A ``ModelOutput``, so that DeepSpeed ZeRO-3's module hooks see (and gather through) its tensors."""
+
+    fused: torch.Tensor | None = None  # (B, N, D)
+    router_logits: torch.Tensor | None = None  # (B, E), or (B, N, E) per token
+    router_probs: torch.Tensor | None = None  # like router_logits, zeros outside the top-k
+    load_balance_loss: torch.Tensor | None = None  # scalar
 
 
 class MoEFusion(nn.Module):

@@ -67,6 +67,12 @@ class _ForwardFeatures(nn.Module):
         return self.model.forward_features(x)
 
 
+def _meta_like(tensor: torch.Tensor) -> torch.Tensor:
+    """A meta tensor of ``tensor``'s full shape (DeepSpeed ZeRO-3 partitions a parameter at creation and
+    keeps its full shape in ``ds_shape``)."""
+    return torch.empty(tuple(getattr(tensor, "ds_shape", tensor.shape)), dtype=tensor.dtype, device="meta")
+
+
 @register_tower("timm")
 class TimmTower(ExpertTower):
     """Any timm backbone; tokens are the last stage's feature map (or patch tokens) as ``(B, H*W, C)``.
@@ -123,8 +129,8 @@ class TimmTower(ExpertTower):
         was_training = self.model.training
         self.model.eval()
         try:
-            state = {f"model.{name}": t.to("meta") for name, t in self.model.named_parameters()}
-            state.update({f"model.{name}": t.to("meta") for name, t in self.model.named_buffers()})
+            state = {f"model.{name}": _meta_like(t) for name, t in self.model.named_parameters()}
+            state.update({f"model.{name}": _meta_like(t) for name, t in self.model.named_buffers()})
             x = torch.zeros(1, 3, size, size, device="meta", dtype=dtype)
             try:
                 with torch.no_grad():

@@ -107,6 +107,9 @@ def generate_cases(astrea, llava, batch: common.Batch, new_tokens: int, record: 
 def main(argv=None) -> dict[str, float]:
     parser = common.base_parser(__doc__.splitlines()[0], repeats=5)
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per call (greedy)")
+    parser.add_argument("--peak-gbps", type=float, default=None,
+                        help="device memory bandwidth in GB/s (e.g. 3350 for an H100 SXM, 4800 for an H200): prints the "
+                             "batch-1 decode bound, every LLM weight read once per token")
     args = parser.parse_args(argv)
     common.setup(args)
     dtype = common.DTYPES[args.dtype]
@@ -147,8 +150,25 @@ def main(argv=None) -> dict[str, float]:
     print(f"  prefill astrea/budget {results['prefill_over_budget_median']:.3f}x (min-based {results['prefill_over_budget_min']:.3f}x)  "
           f"{common.verdict(results['prefill_over_budget_median'], 1.0, higher_is_better=False)}")
     print(f"  prefill astrea/llava {timings['main'].median('astrea.prefill') / timings['main'].median('llava.prefill'):.3f}x (info)")
+    if args.peak_gbps:
+        results.update(decode_bandwidth_bound(astrea, measured=1.0 / timings["main"].median("astrea.decode_step"),
+                                              peak_gbps=args.peak_gbps))
     results["tower_calls"] = max(calls.values())
     return results
+
+
+def decode_bandwidth_bound(astrea, measured: float, peak_gbps: float) -> dict[str, float]:
+    """Batch-1 decode is memory-bound: each token reads every LLM weight (and the LM head) once.
+
+    The bound is ``bandwidth / weight bytes`` tokens/s (the KV cache of a short prompt is negligible
+    next to the weights); the measured rate over it is the fraction of the bandwidth decoding uses.
+    """
+    llm = [*astrea.model.language_model.parameters(), *astrea.lm_head.parameters()]
+    weight_bytes = sum(p.numel() * p.element_size() for p in llm)
+    bound = peak_gbps * 1e9 / weight_bytes
+    print(f"  decode bound at {peak_gbps:.0f} GB/s: {bound:.0f} tokens/s ({weight_bytes / 1e6:.1f} MB of LLM weights per token); "
+          f"measured {measured:.1f} = {measured / bound:.1%} of it")
+    return {"decode_bandwidth_bound": bound, "decode_bandwidth_fraction": measured / bound}
 
 
 if __name__ == "__main__":

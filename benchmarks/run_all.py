@@ -29,13 +29,15 @@ def main(argv=None) -> dict[str, float]:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--peak-gbps", type=float, default=None, help="memory bandwidth (GB/s) for the decode bound")
     parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args(argv)
     shared = ["--device", args.device, "--dtype", args.dtype, "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
     shared += ["--threads", str(args.threads), "--scale", args.scale]
 
     print("=" * 30, "generation", "=" * 30)
-    generate = bench_generate.main([*shared, "--new-tokens", str(args.new_tokens)])
+    generate = bench_generate.main([*shared, "--new-tokens", str(args.new_tokens),
+                                    *(["--peak-gbps", str(args.peak_gbps)] if args.peak_gbps else [])])
     print("\n" + "=" * 30, "training step", "=" * 30)
     train_args = [*shared, "--batch-size", str(args.batch_size)]
     if args.peak_tflops:

@@ -184,10 +184,17 @@ def _parameters_on_meta():
             module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
     nn.Module.register_parameter = register
+    # The rebuild is a throwaway reference: under DeepSpeed ZeRO-3, transformers would build its
+    # sub-models inside `deepspeed.zero.Init`, which cannot partition meta parameters.
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    zero3 = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
     try:
         yield
     finally:
         nn.Module.register_parameter = original
+        hf_deepspeed._hf_deepspeed_config_weak_ref = zero3
 
 
 # ----------------------------------------------------------------------- weight files

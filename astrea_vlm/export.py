@@ -358,6 +358,53 @@ def save_hub_folder(model, folder: str | Path, processor=None, weights: bool = T
     """
     folder = Path(folder)
     entries = auto_map(model, processor)  # fails before anything is written if the classes cannot be shipped
+    rank, world = _process_group()
+    if weights and _is_sharded(model):
+        # FSDP2 (`fully_shard`): every rank takes part in gathering the full state dict (a
+        # collective); only rank 0 writes. A plain save would touch rank-local shards.
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        save_kwargs["state_dict"] = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        _barrier(world)  # the others wait until rank 0 has written every file
+        return []
+    try:
+        return _write_hub_folder(model, folder, processor, weights, entries, save_kwargs)
+    finally:
+        _barrier(world)
+
+
+def _process_group() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group, ``(0, 1)`` without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _is_sharded(model) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _model_class_name(model) -> str:
+    """The model's own class: FSDP2 swaps in a generated ``FSDP<Class>`` subclass, which must not reach the config."""
+    for cls in type(model).__mro__:
+        if not cls.__module__.startswith("torch."):
+            return cls.__name__
+    return type(model).__name__
+
+
+def _write_hub_folder(model, folder: Path, processor, weights: bool, entries: dict[str, str], save_kwargs) -> list[Path]:
     generation = getattr(model, "generation_config", None)
     if generation is not None and generation.max_new_tokens is None:
         from .card import default_max_new_tokens
@@ -367,12 +414,18 @@ def save_hub_folder(model, folder: str | Path, processor=None, weights: bool = T
         model.save_pretrained(folder, **save_kwargs)
     else:
         folder.mkdir(parents=True, exist_ok=True)
-        model.config.architectures = [type(model).__name__]
+        model.config.architectures = [_model_class_name(model)]
         model.config.dtype = model.dtype
         model.config.save_pretrained(folder)
         if generation is not None:
             generation.save_pretrained(folder)
-    _update_json(folder / "config.json", lambda data: _merge_auto_map(data, entries))
+    name = _model_class_name(model)
+
+    def update_config(data: dict) -> None:
+        _merge_auto_map(data, entries)
+        data["architectures"] = [name]
+
+    _update_json(folder / "config.json", update_config)
     if processor is not None:
         processor.save_pretrained(folder)
         processor_entries = {k: v for k, v in entries.items() if k in ("AutoProcessor", "AutoImageProcessor")}

@@ -66,7 +66,8 @@ def _eval(args: argparse.Namespace) -> int:
     from astrea_vlm.eval.runner import run_eval
 
     results = run_eval(args.model, args.task, args.data, output=args.output, batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens, limit=args.limit, device=args.device)
+                       max_new_tokens=args.max_new_tokens, limit=args.limit, device=args.device,
+                       image_position=args.image_position)
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in results["metrics"].items()}
     print(f"astrea eval {args.task}: {json.dumps(shown)}")
     if args.update_card:
@@ -273,14 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--task", required=True, choices=["vqa", "exact_match", "multiple_choice", "grounding", "caption", "qa"],
                           help="metric: vqa, exact_match, multiple_choice, grounding, caption, or qa (each record's question_type)")
     evaluate.add_argument("--data", required=True, help="local JSON / JSONL file or `datasets` folder (see astrea_vlm.eval.data)")
-    evaluate.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="prompts generated together (the demo evaluates with "
+                          "the same, so this command reproduces its report)")
     evaluate.add_argument("--output", help="results folder (default: outputs/eval/<model>/<task>, outside the model folder)")
-    evaluate.add_argument("--max-new-tokens", type=int, default=32, help="longest generated answer, in tokens")
+    evaluate.add_argument("--max-new-tokens", type=int, help="longest generated answer, in tokens (default: the model "
+                          "folder's generation_config.json max_new_tokens, else 64)")
     evaluate.add_argument("--limit", type=int, help="evaluate only the first N records (default: all)")
     evaluate.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     evaluate.add_argument("--update-card", action="store_true",
                           help="also record the results in the model folder's README.md card (its model-index); "
                                "by default nothing in the model folder changes")
+    evaluate.add_argument("--image-position", choices=["before", "after"],
+                          help="put the images before or after the prompt (default: the layout saved with the model, "
+                               "i.e. how it was trained)")
     evaluate.set_defaults(func=_eval)
 
     cache = command("cache", "feature cache of the frozen experts (see docs/feature_cache.md)")

@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from .eval.runner import DEFAULT_BATCH_SIZE
+
 
 #: The paper's Fig. 2 reading for the demo's question types: the experts it expects to lead
 #: (caption -> SigLIP, tags/colour -> RAM++, grounding/position -> Grounding-DINO/SAM2); the paper
@@ -57,8 +59,10 @@ class DemoSettings:
     # classification and detection towers cost 2-3x as much a step.
     warmup_steps: int | dict[str, int] = dataclasses.field(
         default_factory=lambda: {"caption": 1200, "classification": 300, "detection": 300, "segmentation": 1200})
-    eval_batch_size: int = 32
-    max_new_tokens: int = 48
+    # `astrea eval`'s defaults, so that the README's `astrea eval` command reproduces the report
+    # (None: the model folder's generation_config max_new_tokens, see eval.runner.folder_max_new_tokens).
+    eval_batch_size: int = DEFAULT_BATCH_SIZE
+    max_new_tokens: int | None = None
     config_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {"fusion_top_k": 2}
     recipe_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # Recipe fields, e.g. {"order": [...]}
     skip_untrained_eval: bool = False
@@ -133,7 +137,7 @@ def build_demo_model(recipe, settings: DemoSettings, train_scenes, log=print):
     """The recipe's tiny model (with ``config_overrides``), towers warmed up and frozen again."""
     from .modeling import AstreaForConditionalGeneration
     from .processing import build_processor
-    from .train.run import merge_overrides, preset_config, start_from_world_llm
+    from .train.run import apply_prompt_layout, merge_overrides, preset_config, start_from_world_llm
     from .train.warmup import warm_up_towers
 
     preset = recipe.model.get("preset", "tiny")
@@ -145,6 +149,7 @@ def build_demo_model(recipe, settings: DemoSettings, train_scenes, log=print):
     # learned from the training split.
     tokenizer = start_from_world_llm(model, llm) if llm else demo_tokenizer(config, train_scenes)
     processor = build_processor(config, tokenizer=tokenizer)
+    apply_prompt_layout(model, processor, recipe.data)  # the untrained baseline is prompted as the trained model
     steps = settings.warmup_steps
     if (sum(steps.values()) if isinstance(steps, dict) else steps) > 0:
         report = warm_up_towers(model, processor, train_scenes, steps=settings.warmup_steps, seed=settings.seed)
@@ -191,8 +196,11 @@ def demo_tokenizer(config, train_scenes):
     return world_tokenizer(train_scenes, config.text_config.vocab_size, config.text_config.max_position_embeddings)
 
 
-def roundtrip(final: Path, seed: int, image_position: str = "before", log=print) -> dict:
-    """Reload ``final`` through the transformers pipeline (remote code) and ask about a fresh scene."""
+def roundtrip(final: Path, seed: int, log=print) -> dict:
+    """Reload ``final`` through the transformers pipeline (remote code) and ask about a fresh scene.
+
+    The message lists the image first, as most clients do; the folder's chat template puts it
+    where the model was trained to see it (the recipe's ``image_position``)."""
     from transformers import pipeline
 
     from .train.synthetic import eval_record, make_split
@@ -202,8 +210,8 @@ def roundtrip(final: Path, seed: int, image_position: str = "before", log=print)
     qa = next(q for q in scene.qa if q["question_type"] == "counting")
     record = eval_record(qa)
     chat = pipeline("image-text-to-text", model=str(final), trust_remote_code=True)
-    parts = [{"type": "image", "image": scene.image}, {"type": "text", "text": build_prompt(record["metric"], record)}]
-    messages = [{"role": "user", "content": parts if image_position == "before" else parts[::-1]}]
+    messages = [{"role": "user", "content": [{"type": "image", "image": scene.image},
+                                             {"type": "text", "text": build_prompt(record["metric"], record)}]}]
     out = chat(text=messages, max_new_tokens=8, generate_kwargs={"do_sample": False})
     answer = out[0]["generated_text"][-1]["content"]
     answer = answer if isinstance(answer, str) else " ".join(part.get("text", "") for part in answer)
@@ -282,9 +290,8 @@ def run_demo(settings: DemoSettings | None = None, log=print) -> dict:
 
     _log_section(log, "5/6 evaluation on the test split")
     tick = time.perf_counter()
-    image_position = data.get("image_position", "before")
-    eval_kwargs = dict(task="qa", data=test_records, batch_size=settings.eval_batch_size, max_new_tokens=settings.max_new_tokens,
-                       image_position=image_position)
+    # The folders' own prompt layout (the recipe's), as `astrea eval` uses it with no flag.
+    eval_kwargs = dict(task="qa", data=test_records, batch_size=settings.eval_batch_size, max_new_tokens=settings.max_new_tokens)
     trained = run_eval(final, output=output / "eval" / "astrea", **eval_kwargs)
     validation = run_eval(final, output=output / "eval" / "astrea-validation", **{**eval_kwargs, "data": validation_records})
     baselines = {"majority": score_constant(test_records, majority_answers(train_scenes))}
@@ -306,7 +313,7 @@ def run_demo(settings: DemoSettings | None = None, log=print) -> dict:
     plot_training_curves(stages, output / "loss.png", keys=["loss", "loss_reg", "loss_moco"], title="astrea demo: training loss per stage (each stage on its own step axis)")
     write_router_report([trained], output, expected=FIG2_READING, title="test split: mean router probability per question type")
     routing = routing_report(trained, final)
-    trip = roundtrip(final, settings.seed, image_position=image_position, log=log) if settings.roundtrip else None
+    trip = roundtrip(final, settings.seed, log=log) if settings.roundtrip else None
     timings["report"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - start
     summary = {"table": table, "versus_majority": versus_majority, "routing": routing, "validation": primary_scores(validation), "timings_s": {k: round(v, 1) for k, v in timings.items()}, "final": str(final),

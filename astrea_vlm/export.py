@@ -352,9 +352,10 @@ def save_hub_folder(model, folder: str | Path, processor=None, weights: bool = T
     ``AutoConfig``, ``AutoModel`` and ``AutoModelForImageTextToText`` (and, with a processor,
     ``AutoProcessor`` and ``AutoImageProcessor``) resolve to them. ``generation_config.json`` gets a
     ``max_new_tokens`` (:func:`astrea_vlm.card.default_max_new_tokens`) unless the model has one.
-    Returns the code files written. With ``weights=False`` everything but the weights is written
-    (``astrea create`` writes a paper-scale model's shards itself, part by part, from a model on the
-    meta device).
+    With a processor, the config records the processor's prompt layout (``image_position``,
+    ``system_prompt``): the processor is what prompts the model. Returns the code files written.
+    With ``weights=False`` everything but the weights is written (``astrea create`` writes a
+    paper-scale model's shards itself, part by part, from a model on the meta device).
     """
     folder = Path(folder)
     entries = auto_map(model, processor)  # fails before anything is written if the classes cannot be shipped
@@ -410,6 +411,10 @@ def _write_hub_folder(model, folder: Path, processor, weights: bool, entries: di
         from .card import default_max_new_tokens
 
         generation.max_new_tokens = default_max_new_tokens(model.config)  # else generate stops after 20 tokens
+    layout = getattr(processor, "prompt_layout", None)
+    if layout is not None and hasattr(model.config, "image_position"):
+        for key, value in layout.items():
+            setattr(model.config, key, value)
     if weights:
         model.save_pretrained(folder, **save_kwargs)
     else:

@@ -122,8 +122,9 @@ def probe_dataset(scenes, features: torch.Tensor, question_type: str, vocabulary
     return (tokens, queries, targets), labels
 
 
-def model_accuracy(model_dir: Path, scenes, work: Path, image_position: str = "before") -> dict[str, float]:
-    """The model's own accuracy per question type on ``scenes`` (``astrea eval --task qa``)."""
+def model_accuracy(model_dir: Path, scenes, work: Path, image_position: str | None = None) -> dict[str, float]:
+    """The model's own accuracy per question type on ``scenes`` (``astrea eval --task qa``; the
+    folder's prompt layout unless ``image_position`` is given)."""
     from astrea_vlm.demo import primary_scores, write_eval_split
     from astrea_vlm.eval.runner import run_eval
 
@@ -146,8 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-objects", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0, help="the data seed the model was trained with")
     parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--image-position", choices=["before", "after"], default="after",
-                        help="where the model was trained to see the image relative to the prompt (the demo: after)")
+    parser.add_argument("--image-position", choices=["before", "after"],
+                        help="put the image before or after the prompt (default: the layout saved with the model)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--output", default=None, help="folder for probe.json / probe.md (default: <model>/probe)")
     args = parser.parse_args(argv)

@@ -210,6 +210,11 @@ class AstreaConfig(PreTrainedConfig):
             row/column weight lambda, loss weight mu and the width of the contrast embedding.
             They are used by the trainer; the model only stores them.
         tie_word_embeddings (`bool`, defaults to `False`): tie the LM head to the input embeddings.
+        image_position (`str`, defaults to `"before"`), system_prompt (`str`, *optional*):
+            The prompt layout the model was trained with: a user turn's images ``"before"`` its
+            text (LLaVA's layout) or ``"after"`` it, and the system prompt rendered when a
+            conversation has none. The processor's chat template applies them; they are recorded
+            here too so that the folder's config says how to prompt the model.
     """
 
     model_type = "astrea"
@@ -247,6 +252,8 @@ class AstreaConfig(PreTrainedConfig):
     moco_mu: float = 0.1
     moco_dim: int = 256
     tie_word_embeddings: bool = False
+    image_position: str = "before"
+    system_prompt: str | None = None
 
     def __post_init__(self, **kwargs):
         no_experts = all(getattr(self, f"{r}_config") is None for r in EXPERT_ROLES)
@@ -365,6 +372,9 @@ class AstreaConfig(PreTrainedConfig):
         _check(0.0 <= self.moco_lambda <= 1.0, "moco_lambda", self.moco_lambda, "lambda must lie in [0, 1]")
         _check(self.moco_mu >= 0, "moco_mu", self.moco_mu, "mu must be >= 0")
         _check(self.moco_dim >= 1, "moco_dim", self.moco_dim, "must be >= 1")
+        _check(self.image_position in ("before", "after"), "image_position", self.image_position,
+               "use 'before' (the images, then the prompt) or 'after' (the prompt, then the images)")
+        _check(self.system_prompt is None or isinstance(self.system_prompt, str), "system_prompt", self.system_prompt, "must be a string or None")
         self._check_sizes()
 
     def _check_sizes(self) -> None:

@@ -22,6 +22,11 @@ minimal local copy of the contract of ``lmms_eval.api.model.lmms`` that the test
   continuation)`` per request;
 * ``generate_until_multi_round``: not supported (raises, as several built-in lmms-eval models do).
 
+The prompt layout is the one saved with the model (its processor's chat template: images before
+or after the question, as it was trained), whatever order a task lists a message's parts in; the
+model arg ``image_position=before|after`` overrides it
+(``--model_args pretrained=DIR,image_position=after``).
+
 Generation kwargs understood: ``max_new_tokens`` (default 128), ``temperature`` (0: greedy),
 ``do_sample``, ``top_p``, ``num_beams`` and ``until`` (stop strings: the answer is cut at the first).
 Requests are batched ``batch_size`` at a time among those with the same generation kwargs.
@@ -103,15 +108,19 @@ class AstreaLmms(_LmmsBase if HAS_LMMS_EVAL else LmmsStandIn):
         batch_size: requests per ``generate`` call.
         dtype: ``"auto"`` (the folder's) or a torch dtype name.
         max_new_tokens: default when a task does not set it.
+        image_position: ``"before"`` / ``"after"``: where the images go relative to the prompt;
+            default (None): the layout saved with the model.
     """
 
     is_simple = False
 
     def __init__(self, pretrained: str, device: str | None = None, batch_size: int | str = 1, dtype: str = "auto",
-                 max_new_tokens: int = 128, **kwargs) -> None:
+                 max_new_tokens: int = 128, image_position: str | None = None, **kwargs) -> None:
         super().__init__()
-        from .runner import load_model
+        from .runner import load_model, prompt_layout
 
+        prompt_layout(None, image_position)  # a bad value fails before the model is loaded
+        self.image_position = image_position
         self.model, self.processor = load_model(Path(pretrained), device=device, dtype=dtype)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 1  # "auto" -> 1
         self.default_max_new_tokens = int(max_new_tokens)
@@ -183,7 +192,8 @@ class AstreaLmms(_LmmsBase if HAS_LMMS_EVAL else LmmsStandIn):
                     images.append(sample_images)
                 gen_kwargs = requests[chunk[0]].args[2]
                 max_new_tokens, settings, until = self._generate_settings(gen_kwargs, self.default_max_new_tokens)
-                texts, _ = generate_conversations(self.model, self.processor, conversations, images, max_new_tokens, **settings)
+                texts, _ = generate_conversations(self.model, self.processor, conversations, images, max_new_tokens,
+                                                  image_position=self.image_position, **settings)
                 for index, text in zip(chunk, texts):
                     for stop in until:
                         if stop and stop in text:
@@ -201,6 +211,8 @@ class AstreaLmms(_LmmsBase if HAS_LMMS_EVAL else LmmsStandIn):
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         import torch
 
+        from .runner import render_prompt
+
         results = []
         tokenizer = self.processor.tokenizer
         for request in requests:
@@ -211,7 +223,7 @@ class AstreaLmms(_LmmsBase if HAS_LMMS_EVAL else LmmsStandIn):
             visuals = [] if visuals is None else (list(visuals) if isinstance(visuals, (list, tuple)) else [visuals])
             content = [{"type": "image", "url": v} for v in visuals] + [{"type": "text", "text": context}]
             conversation, images = self._conversation([{"role": "user", "content": content}])
-            prompt = self.processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+            prompt = render_prompt(self.processor, conversation, self.image_position)
             inputs = self.processor(images=images or None, text=[prompt], return_tensors="pt").to(self.model.device)
             context_ids = inputs["input_ids"]
             target_ids = torch.tensor([tokenizer(" " + str(continuation), add_special_tokens=False)["input_ids"]], device=context_ids.device)

@@ -1,8 +1,9 @@
 """``astrea eval``: batched greedy generation over a local dataset, scored, saved as JSON + markdown.
 
-Pipeline: :func:`~astrea_vlm.eval.data.load_records` -> one user turn per record (the images, then
-the :mod:`~astrea_vlm.eval.prompts` template) rendered with the processor's chat template -> left-
-padded batches -> ``generate`` (greedy, ``do_sample=False``) -> the new tokens decoded with
+Pipeline: :func:`~astrea_vlm.eval.data.load_records` -> one user turn per record (its images and
+the :mod:`~astrea_vlm.eval.prompts` template) rendered with the processor's chat template, in the
+prompt layout saved with the model (``image_position``; an ``image_position`` argument overrides
+it) -> left-padded batches -> ``generate`` (greedy, ``do_sample=False``) -> the new tokens decoded with
 ``skip_special_tokens=True`` and stripped -> :func:`score_samples`.
 
 ``results.json`` holds the settings, the prompt templates, the metrics, the per-``question_type``
@@ -34,6 +35,11 @@ from .metrics import exact_match_score, parse_choice, vqa_soft_accuracy
 from .prompts import OPTION_FORMAT, PROMPT_VERSION, PROMPTS, build_prompt
 
 GROUNDING_IOU_THRESHOLD = 0.5
+#: ``astrea eval``'s defaults (the demo evaluates with them too, so that the README's command
+#: reproduces its report: another batch size pads differently, which can move a greedy answer).
+DEFAULT_BATCH_SIZE = 8
+#: New tokens when the model folder's ``generation_config.json`` sets no ``max_new_tokens``.
+DEFAULT_MAX_NEW_TOKENS = 64
 PRIMARY = {
     "vqa": "vqa_accuracy",
     "exact_match": "exact_match",
@@ -144,21 +150,41 @@ class RouterProbsRecorder:
         self._handle.remove()
 
 
+def render_prompt(processor, conversation: list[dict], image_position: str | None = None) -> str:
+    """``conversation`` as the prompt string the model reads: the processor's chat template with a
+    generation prompt, in the processor's prompt layout or, when given, ``image_position``."""
+    override = {} if image_position is None else {"image_position": image_position}
+    return processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True, **override)
+
+
+def prompt_layout(processor, image_position: str | None = None) -> dict:
+    """The layout a run prompts with: the processor's (saved with the model), ``image_position`` overriding."""
+    layout = dict(getattr(processor, "prompt_layout", None) or {"image_position": "before", "system_prompt": None})
+    if image_position is not None:
+        if image_position not in ("before", "after"):
+            raise ValueError(f"image_position={image_position!r}: use 'before' or 'after' (the prompt), or leave it "
+                             f"out to use the layout saved with the model")
+        layout["image_position"] = image_position
+    return layout
+
+
 def generate_conversations(
-    model, processor, conversations: list[list[dict]], images: list[list], max_new_tokens: int, **generate_kwargs
+    model, processor, conversations: list[list[dict]], images: list[list], max_new_tokens: int,
+    image_position: str | None = None, **generate_kwargs
 ) -> tuple[list[str], list]:
     """Answers to a batch of chats; returns ``(texts, router_probs per sample)``.
 
     ``conversations[i]`` is a list of ``{"role", "content"}`` messages whose ``{"type": "image"}``
     parts stand for ``images[i]``, in order. Each is rendered with the processor's chat template
-    (``add_generation_prompt=True``), the batch is left-padded and generated greedily unless
+    (``add_generation_prompt=True``; its saved prompt layout, or ``image_position`` when given:
+    :func:`render_prompt`), the batch is left-padded and generated greedily unless
     ``generate_kwargs`` say otherwise; the new tokens are decoded with ``skip_special_tokens=True``
     and stripped. ``router_probs[i]`` lists the router probabilities of each image of sample ``i``
     (``None`` when the model returned none, e.g. in an alignment stage).
     """
     import torch
 
-    texts = [processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    texts = [render_prompt(processor, c, image_position) for c in conversations]
     flat_images = [image for sample_images in images for image in sample_images]
     inputs = processor(images=flat_images or None, text=texts, padding=True, padding_side="left", return_tensors="pt")
     inputs = inputs.to(model.device)
@@ -196,10 +222,12 @@ def user_turn(prompt: str, n_images: int, image_position: str = "before") -> lis
 
 
 def generate_batch(model, processor, prompts: list[str], images: list[list], max_new_tokens: int,
-                   image_position: str = "before") -> tuple[list[str], list]:
-    """Greedy answers to single-turn prompts (:func:`user_turn`, then :func:`generate_conversations`)."""
-    conversations = [user_turn(p, len(i), image_position) for p, i in zip(prompts, images)]
-    return generate_conversations(model, processor, conversations, images, max_new_tokens)
+                   image_position: str | None = None) -> tuple[list[str], list]:
+    """Greedy answers to single-turn prompts (:func:`user_turn`, then :func:`generate_conversations`)
+    in the processor's prompt layout, or ``image_position`` when given."""
+    layout = prompt_layout(processor, image_position)["image_position"]
+    conversations = [user_turn(p, len(i), layout) for p, i in zip(prompts, images)]
+    return generate_conversations(model, processor, conversations, images, max_new_tokens, image_position=image_position)
 
 
 # -------------------------------------------------------------------------------------- a run
@@ -218,33 +246,43 @@ def default_output(model_dir: str | Path, task: str) -> Path:
     return Path("outputs", "eval", *(parts or ("model",)), task)
 
 
+def folder_max_new_tokens(model) -> int:
+    """The model folder's ``generation_config.max_new_tokens``, or :data:`DEFAULT_MAX_NEW_TOKENS` when it sets none."""
+    value = getattr(getattr(model, "generation_config", None), "max_new_tokens", None)
+    return int(value) if isinstance(value, int) and value > 0 else DEFAULT_MAX_NEW_TOKENS
+
+
 def run_eval(
     model_dir: str | Path,
     task: str,
     data: str | Path,
     output: str | Path | None = None,
-    batch_size: int = 8,
-    max_new_tokens: int = 32,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_new_tokens: int | None = None,
     limit: int | None = None,
     device: str | None = None,
     dtype: str = "auto",
     progress: bool = True,
     model=None,
     processor=None,
-    image_position: str = "before",
+    image_position: str | None = None,
 ) -> dict:
     """Evaluate ``model_dir`` on ``data`` for ``task`` and write ``results.json`` / ``results.md`` to
     ``output`` (default :func:`default_output`: ``outputs/eval/<model>/<task>``, outside the model
     folder). Returns the results dict.
 
     ``model``/``processor`` may be passed already loaded (then ``model_dir`` is only recorded).
-    ``image_position``: the images go ``"before"`` (default, as in LLaVA) or ``"after"`` the prompt
-    in the user turn -- whichever the model was trained with; it is recorded in the results.
+    ``max_new_tokens``: default the folder's ``generation_config.max_new_tokens``
+    (:func:`folder_max_new_tokens`).
+    ``image_position``: ``None`` (default) prompts in the layout saved with the model (the
+    processor's chat template: how it was trained); ``"before"`` / ``"after"`` put the images
+    before / after the prompt instead. The layout used is recorded in the results.
     """
     from tqdm.auto import tqdm
 
-    if batch_size < 1 or max_new_tokens < 1:
+    if batch_size < 1 or (max_new_tokens is not None and max_new_tokens < 1):
         raise ValueError("batch_size and max_new_tokens must be at least 1")
+    prompt_layout(None, image_position)  # a bad value fails before the model is loaded
     start = time.perf_counter()
     records, base_dir = load_records(data)
     if limit is not None:
@@ -256,6 +294,9 @@ def run_eval(
         validate_record(metric, record)
     if model is None or processor is None:
         model, processor = load_model(model_dir, device=device, dtype=dtype)
+    layout = prompt_layout(processor, image_position)
+    if max_new_tokens is None:
+        max_new_tokens = folder_max_new_tokens(model)
     expert_order = list(getattr(model.config, "expert_order", []) or [])
 
     samples: list[dict] = []
@@ -299,7 +340,9 @@ def run_eval(
             "do_sample": False,
             "num_beams": 1,
             "padding_side": "left",
-            "image_position": image_position,
+            "image_position": layout["image_position"],
+            "system_prompt": layout["system_prompt"],
+            "image_position_from": "folder" if image_position is None else "argument",
             "grounding_iou_threshold": GROUNDING_IOU_THRESHOLD,
         },
         "prompts": {"version": PROMPT_VERSION, "templates": dict(PROMPTS), "option_format": OPTION_FORMAT, "chat_template": processor.chat_template},

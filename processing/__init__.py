@@ -1,11 +1,12 @@
 """Processing for Astrea (``astrea_vlm.processing``): per-expert images, tokenizer, chat template."""
 
 from .image_processing_astrea import AstreaImageProcessor, ExpertImageSpec, select_best_resolution, to_pil_rgb
-from .processing_astrea import CHAT_TEMPLATE, AstreaProcessor
+from .processing_astrea import CHAT_TEMPLATE, IMAGE_POSITIONS, AstreaProcessor, build_chat_template
 
 
 def build_processor(config, tokenizer=None, **image_processor_kwargs) -> AstreaProcessor:
-    """An :class:`AstreaProcessor` matching ``config``; a byte-level tokenizer is built offline when none is given."""
+    """An :class:`AstreaProcessor` matching ``config`` (its visual tokens and prompt layout); a
+    byte-level tokenizer is built offline when none is given."""
     if tokenizer is None:
         from .tokenization import build_byte_level_tokenizer
 
@@ -13,7 +14,8 @@ def build_processor(config, tokenizer=None, **image_processor_kwargs) -> AstreaP
             config.text_config.vocab_size, model_max_length=config.text_config.max_position_embeddings
         )
     image_processor = AstreaImageProcessor.from_model_config(config, **image_processor_kwargs)
-    processor = AstreaProcessor(image_processor, tokenizer, num_visual_tokens=config.num_visual_tokens)
+    processor = AstreaProcessor(image_processor, tokenizer, num_visual_tokens=config.num_visual_tokens,
+                                image_position=config.image_position, system_prompt=config.system_prompt)
     if processor.image_token_id != config.image_token_id:
         raise ValueError(
             f"the tokenizer's <image> id is {processor.image_token_id} but the model's image_token_id is "
@@ -36,4 +38,4 @@ def _register_auto_classes() -> None:
 
 _register_auto_classes()
 
-__all__ = ["AstreaImageProcessor", "AstreaProcessor", "CHAT_TEMPLATE", "ExpertImageSpec", "build_processor", "select_best_resolution", "to_pil_rgb"]
+__all__ = ["AstreaImageProcessor", "AstreaProcessor", "CHAT_TEMPLATE", "IMAGE_POSITIONS", "build_chat_template", "ExpertImageSpec", "build_processor", "select_best_resolution", "to_pil_rgb"]

@@ -8,13 +8,18 @@ markers appear, sample after sample, so a batch can mix samples with several ima
 
 The chat template is Vicuna-style (``USER: ... ASSISTANT: ...``), the format of the paper's LLMs,
 with ``{% generation %}`` markers around every assistant answer so that TRL's
-``assistant_only_loss=True`` trains on answers only (paper eq. 1).
+``assistant_only_loss=True`` trains on answers only (paper eq. 1). It also carries the *prompt
+layout* a model was trained with, so that every client prompts it the same way: ``image_position``
+(a user turn's images ``"before"`` its text, LLaVA's layout, or ``"after"`` it) and an optional
+default ``system_prompt``; the parts of a user turn are joined by ``"\n"``
+(``USER: <image>\nWhat is it?`` or ``USER: What is it?\n<image>``).
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
+import json
 import re
 from collections.abc import Iterable, Mapping
 
@@ -25,18 +30,33 @@ from transformers.processing_utils import ProcessorMixin
 
 from .image_processing_astrea import flatten_images, flatten_videos
 
-CHAT_TEMPLATE = (
+#: Values of ``image_position``: where a user turn's images (and videos) go relative to its text.
+IMAGE_POSITIONS = ("before", "after")
+
+#: First line of every template :func:`build_chat_template` writes (how a saved template is recognised as one).
+TEMPLATE_MARK = "{#- astrea chat template v2: Vicuna-style, with the prompt layout -#}"
+
+# The body reads `image_position` and `system_prompt`; :func:`build_chat_template` puts their defaults in
+# front of it. A user turn renders its media and its text as two groups in `image_position` order
+# (each group in the order given), every part separated from the next by a newline.
+_TEMPLATE_BODY = (
+    "{% if image_position not in ['before', 'after'] %}"
+    "{{ raise_exception('image_position must be before or after (the prompt), got ' + image_position | string) }}{% endif %}"
     "{{ bos_token }}"
+    "{% if system_prompt and (messages | length == 0 or messages[0]['role'] != 'system') %}{{ system_prompt }}{{ '\\n' }}{% endif %}"
     "{% for message in messages %}"
     "{% if message['content'] is string %}{% set parts = [{'type': 'text', 'text': message['content']}] %}"
     "{% else %}{% set parts = message['content'] %}{% endif %}"
     "{% if message['role'] == 'system' %}"
     "{% for part in parts %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{{ '\\n' }}"
     "{% elif message['role'] == 'user' %}"
+    "{% set media = parts | selectattr('type', 'in', ['image', 'video']) | list %}"
+    "{% set texts = parts | rejectattr('type', 'in', ['image', 'video']) | list %}"
     "{{ 'USER: ' }}"
-    "{% for part in parts %}"
-    "{% if part['type'] == 'image' %}{{ '<image>\\n' }}"
-    "{% elif part['type'] == 'video' %}{{ '<video>\\n' }}"
+    "{% for part in (media + texts if image_position == 'before' else texts + media) %}"
+    "{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "{% if part['type'] == 'image' %}{{ '<image>' }}"
+    "{% elif part['type'] == 'video' %}{{ '<video>' }}"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{{ '\\n' }}"
     "{% elif message['role'] == 'assistant' %}"
@@ -48,6 +68,37 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
+
+
+def build_chat_template(image_position: str = "before", system_prompt: str | None = None) -> str:
+    """The Vicuna-style chat template with this prompt layout as its defaults.
+
+    The defaults are written into the template itself, so that the saved ``chat_template.jinja``
+    prompts the model as it was trained wherever it is rendered; ``apply_chat_template(...,
+    image_position=..., system_prompt=...)`` still overrides them for one call.
+    """
+    check_prompt_layout(image_position, system_prompt)
+    # json.dumps gives a quoted, escaped literal that Jinja reads back unchanged
+    system = "none" if system_prompt is None else json.dumps(system_prompt)
+    return (
+        TEMPLATE_MARK
+        + f"{{% if image_position is not defined or image_position is none %}}{{% set image_position = {json.dumps(image_position)} %}}{{% endif %}}"
+        + f"{{% if system_prompt is not defined %}}{{% set system_prompt = {system} %}}{{% endif %}}"
+        + _TEMPLATE_BODY
+    )
+
+
+def check_prompt_layout(image_position: str, system_prompt: str | None = None) -> None:
+    """Raise ValueError naming a bad ``image_position`` / ``system_prompt``."""
+    if image_position not in IMAGE_POSITIONS:
+        raise ValueError(f"image_position={image_position!r}: use 'before' (the images, then the prompt, as in LLaVA) "
+                         f"or 'after' (the prompt, then the images)")
+    if system_prompt is not None and not isinstance(system_prompt, str):
+        raise ValueError(f"system_prompt must be a string or None, got {type(system_prompt).__name__}")
+
+
+#: The template with the default layout (images first, no system prompt).
+CHAT_TEMPLATE = build_chat_template()
 
 _MARKERS = re.compile(r"<image>|<video>")
 
@@ -84,6 +135,20 @@ def check_conversation(conversation, index: int | None = None) -> None:
                 raise ValueError(f"{where}message {i} ({role}) has an {kind} part; images and videos go in user messages only")
 
 
+def _order_user_parts(conversation, image_position: str) -> list:
+    """The conversation with each user message's media ``image_position`` its text (for templates
+    that do not place them themselves)."""
+    out = []
+    for message in conversation:
+        content = message.get("content")
+        if message.get("role") == "user" and isinstance(content, (list, tuple)):
+            media = [p for p in content if p.get("type") in ("image", "video")]
+            texts = [p for p in content if p.get("type") not in ("image", "video")]
+            message = {**message, "content": media + texts if image_position == "before" else texts + media}
+        out.append(message)
+    return out
+
+
 class AstreaProcessor(ProcessorMixin):
     r"""Processor of :class:`AstreaForConditionalGeneration`.
 
@@ -92,22 +157,56 @@ class AstreaProcessor(ProcessorMixin):
         tokenizer: any tokenizer with ``<image>`` as an added special token whose id is the
             model's ``image_token_id``.
         num_visual_tokens (`int`): tokens per view; must equal the model's ``num_visual_tokens``.
-        chat_template (`str`, *optional*): defaults to the Vicuna-style template above.
+        image_position (`str`, defaults to `"before"`): the prompt layout the model was trained
+            with: a user turn's images ``"before"`` its text (LLaVA's layout) or ``"after"`` it.
+        system_prompt (`str`, *optional*): rendered first when a conversation has no system message.
+        chat_template (`str`, *optional*): defaults to the Vicuna-style template above, with this
+            layout as its defaults (:func:`build_chat_template`).
+
+    The layout is saved with the processor (``processor_config.json`` and the template's defaults),
+    so ``apply_chat_template`` -- and the ``image-text-to-text`` pipeline, ``astrea eval`` and the
+    lmms-eval adapter, which call it -- prompt the model as it was trained, whatever order the
+    caller lists a message's parts in; ``apply_chat_template(..., image_position="after")``
+    overrides it for one call. Change it with :meth:`set_prompt_layout`.
     """
 
     image_token = "<image>"
     video_token = "<video>"
 
-    def __init__(self, image_processor=None, tokenizer=None, num_visual_tokens: int = 576, chat_template: str | None = None, **kwargs):
+    def __init__(self, image_processor=None, tokenizer=None, num_visual_tokens: int = 576, image_position: str = "before",
+                 system_prompt: str | None = None, chat_template: str | None = None, **kwargs):
+        check_prompt_layout(image_position, system_prompt)
         if chat_template is None:
-            chat_template = CHAT_TEMPLATE
+            chat_template = build_chat_template(image_position, system_prompt)
         self.num_visual_tokens = num_visual_tokens
+        self.image_position = image_position
+        self.system_prompt = system_prompt
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
         if self.image_token not in tokenizer.get_vocab():
             raise ValueError(f"the tokenizer has no {self.image_token!r} token; add it as a special token")
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         # Experts whose pixels calls leave out (see `skip_pixels`); not saved with the processor.
         self._skipped_pixel_roles: frozenset[str] = frozenset()
+
+    @property
+    def prompt_layout(self) -> dict:
+        """``{"image_position", "system_prompt"}``: how this processor prompts the model."""
+        return {"image_position": self.image_position, "system_prompt": self.system_prompt}
+
+    def set_prompt_layout(self, image_position: str | None = None, system_prompt: str | None = ...) -> None:
+        """Change the prompt layout (``None`` / left out: unchanged; ``system_prompt=None``: none)
+        and rewrite the chat template's defaults to match. A custom template (not written by
+        :func:`build_chat_template`) cannot be rewritten, so changing its layout is an error."""
+        image_position = self.image_position if image_position is None else image_position
+        system_prompt = self.system_prompt if system_prompt is ... else system_prompt
+        check_prompt_layout(image_position, system_prompt)
+        if (image_position, system_prompt) == (self.image_position, self.system_prompt):
+            return
+        if not str(self.chat_template).startswith(TEMPLATE_MARK):
+            raise ValueError("this processor has a custom chat template, which cannot take another prompt layout; "
+                             "rebuild the processor with chat_template=None to use astrea's template")
+        self.image_position, self.system_prompt = image_position, system_prompt
+        self.chat_template = build_chat_template(image_position, system_prompt)
 
     @contextlib.contextmanager
     def skip_pixels(self, roles: Iterable[str]):
@@ -232,6 +331,11 @@ class AstreaProcessor(ProcessorMixin):
     def apply_chat_template(self, conversation, *args, **kwargs):
         """``ProcessorMixin.apply_chat_template`` after checking roles and content types (see :func:`check_conversation`).
 
+        The prompt layout is the processor's (class docstring); ``image_position=`` and
+        ``system_prompt=`` override it for this call. A template that does not read them (one
+        saved before astrea had them, or a custom one) gets ``image_position`` by reordering each
+        user message's parts here, and refuses ``system_prompt`` (add a system message instead).
+
         Tokenized output is Python lists unless ``return_tensors`` is given: that is what
         transformers' own processors return, and what TRL's chat-template checks (e.g. that the
         end-of-turn token is inside the assistant mask) expect. Pass ``return_tensors="pt"`` for
@@ -245,6 +349,16 @@ class AstreaProcessor(ProcessorMixin):
                 check_conversation(item, index)
         else:
             check_conversation(conversation)
+        template = kwargs.get("chat_template") or (args[0] if args else None) or self.chat_template
+        reads_layout = isinstance(template, str) and "image_position" in template
+        if "image_position" in kwargs or "system_prompt" in kwargs:
+            check_prompt_layout(kwargs.get("image_position") or "before", kwargs.get("system_prompt"))
+        if not reads_layout:
+            position = kwargs.pop("image_position", None)
+            if kwargs.pop("system_prompt", None) is not None:
+                raise ValueError("this chat template has no system_prompt; put a system message first in the conversation instead")
+            if position is not None:
+                conversation = [_order_user_parts(c, position) for c in conversation] if batched else _order_user_parts(conversation, position)
         return super().apply_chat_template(conversation, *args, **kwargs)
 
     def _adjust_assistant_masks_indices(self, processed_dict, generation_indices):
@@ -288,4 +402,4 @@ class AstreaProcessor(ProcessorMixin):
         return list(self.tokenizer.model_input_names) + list(self.image_processor.model_input_names)
 
 
-__all__ = ["AstreaProcessor", "CHAT_TEMPLATE"]
+__all__ = ["AstreaProcessor", "CHAT_TEMPLATE", "IMAGE_POSITIONS", "build_chat_template", "check_prompt_layout"]

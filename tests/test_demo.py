@@ -23,6 +23,7 @@ from astrea_vlm.demo import (
     score_constant,
     write_eval_split,
 )
+from astrea_vlm.eval.runner import PRIMARY
 from astrea_vlm.train import synthetic as syn
 from astrea_vlm.train.recipe import load_recipe
 from astrea_vlm.train.warmup import CATEGORIES, COLOURS, SHAPES, TAGS, warm_up_towers, warmup_targets
@@ -148,12 +149,12 @@ def test_ablation_variants_and_table():
     assert comparison.splitlines()[2] == "| b | **+0.100 [+0.020, +0.200]** | -0.050 [-0.100, +0.010] |"  # bold: interval excludes 0
 
 
-def test_demo_pipeline_end_to_end_at_toy_size(tmp_path):
+def test_demo_pipeline_end_to_end_at_toy_size(tmp_path, monkeypatch):
     recipe = load_recipe("tiny")
-    settings = DemoSettings(
-        output=str(tmp_path / "demo"), test_size=3, warmup_steps=3, eval_batch_size=8, max_new_tokens=6,
+    settings = DemoSettings(  # astrea eval's defaults (batch size; max_new_tokens from the folder), as the demo's
+        output=str(tmp_path / "demo"), test_size=3, warmup_steps=3,
         recipe_overrides={
-            "data": {**recipe.data, "train_size": 8, "image_size": 48, "max_objects": 3},
+            "data": {**recipe.data, "train_size": 8, "image_size": 48, "max_objects": 3, "image_position": "after"},
             "align": dataclasses.replace(recipe.align, max_steps=1),
             "instruct": dataclasses.replace(recipe.instruct, max_steps=2),
             "save_steps": 100,
@@ -195,6 +196,19 @@ def test_demo_pipeline_end_to_end_at_toy_size(tmp_path):
     final_card = ModelCard.load(out / "train" / "final" / "README.md")
     assert any("validation split" in r.dataset_name for r in final_card.data.eval_results)
     assert "Written by `astrea demo`" in (out / "untrained" / "README.md").read_text()
+
+    # The README's command on the demo's folder, as written (no layout, batch or length flag),
+    # reproduces the report exactly: every answer, so every score.
+    from astrea_vlm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--model", "demo/train/final", "--task", "qa", "--data", "demo/data/test/records.jsonl"]) == 0
+    again = json.loads((tmp_path / "outputs" / "eval" / "demo" / "train" / "final" / "qa" / "results.json").read_text())
+    own = json.loads((out / "eval" / "astrea" / "results.json").read_text())
+    assert again["settings"]["image_position"] == own["settings"]["image_position"] == "after"
+    assert [s["prediction"] for s in again["samples"]] == [s["prediction"] for s in own["samples"]]
+    assert again["per_type"] == own["per_type"]
+    assert {qtype: values[PRIMARY[values["metric"]]] for qtype, values in again["per_type"].items()} == summary["table"]["astrea"]
 
 
 def test_ablation_runs_every_variant_and_writes_its_table(tmp_path):

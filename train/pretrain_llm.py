@@ -145,12 +145,14 @@ def world_tokenizer(scenes, vocab_size: int, model_max_length: int = 512):
     return build_byte_level_tokenizer(vocab_size, model_max_length=model_max_length, corpus=texts)
 
 
-def encode_row(processor, messages: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
-    """``(input_ids, labels)`` of a one-turn chat row as the demo's trainer sees it: ``<image>``
-    expanded to the visual tokens; labels on the answer and ``</s>`` only."""
+def encode_row(processor, messages: list[dict[str, Any]], image_position: str | None = None) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of a one-turn chat row as the demo's trainer sees it: rendered by the
+    chat template in ``image_position`` (default: the processor's layout), ``<image>`` expanded to
+    the visual tokens; labels on the answer and ``</s>`` only."""
     tokenizer = processor.tokenizer
-    prompt = processor.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
-    full = processor.apply_chat_template(messages, tokenize=False)
+    layout = {} if image_position is None else {"image_position": image_position}
+    prompt = processor.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True, **layout)
+    full = processor.apply_chat_template(messages, tokenize=False, **layout)
     image = processor.image_token if hasattr(processor, "image_token") else "<image>"
     n_visual = processor.num_visual_tokens if hasattr(processor, "num_visual_tokens") else GRID * GRID
     prompt, full = prompt.replace(image, image * n_visual), full.replace(image, image * n_visual)
@@ -202,11 +204,11 @@ class WorldCorpus:
         self.value = torch.from_numpy(np.stack([t[1] for t in tables]))
         position = {s.image_id: i for i, s in enumerate(scenes)}
         qa = build_qa_dataset(scenes, type_fractions={"caption": caption_fraction}, image_position=image_position)
-        self.qa = [_Row(position[r["image_id"]], *encode_row(processor, r["messages"]), r["question_type"]) for r in qa]
+        self.qa = [_Row(position[r["image_id"]], *encode_row(processor, r["messages"], image_position), r["question_type"]) for r in qa]
         self.stages: list[_Row] = []
         if with_stages:
             for dataset in build_stage_datasets(source_from_scenes(scenes), processor=processor, image_position=image_position):
-                self.stages += [_Row(position[r["image_id"]], *encode_row(processor, r["messages"]), "stage:" + r["stage"])
+                self.stages += [_Row(position[r["image_id"]], *encode_row(processor, r["messages"], image_position), "stage:" + r["stage"])
                                 for r in dataset]
 
     def slots(self, embedding: torch.Tensor, scene_ids: torch.Tensor) -> torch.Tensor:
@@ -334,6 +336,7 @@ def pretrain_world_llm(settings: PretrainSettings | None = None, output: str | P
     config = preset_config("tiny", {"text_config": {"vocab_size": settings.vocab_size}})
     tokenizer = world_tokenizer(train_scenes, settings.vocab_size, config.text_config.max_position_embeddings)
     processor = build_processor(config, tokenizer=tokenizer)
+    processor.set_prompt_layout(image_position=settings.image_position)
     tick = time.perf_counter()
     corpus = WorldCorpus(train_scenes, processor, with_stages=settings.stage_fraction > 0, image_position=settings.image_position)
     held_out = WorldCorpus(_scenes("pretrain-validation", settings.validation_scenes, settings, log), processor, with_stages=False,

@@ -20,17 +20,29 @@ def load_model_and_processor(recipe: Recipe, init_from: str | Path | None = None
     if source is not None:
         if not Path(source, "config.json").is_file():
             raise FileNotFoundError(f"{source} is not an Astrea folder (no config.json); write one with `astrea create`")
-        return AstreaForConditionalGeneration.from_pretrained(source), AstreaProcessor.from_pretrained(source)
-    preset = recipe.model.get("preset", "tiny")
-    if preset != "tiny":
-        raise ValueError(f"model.preset={preset!r} has no random weights to start from; give model.path (an `astrea create` folder)")
-    torch.manual_seed(int(recipe.model.get("seed", recipe.seed)))
-    config = preset_config(preset, recipe.model.get("overrides"))
-    model = AstreaForConditionalGeneration(config)
-    llm = recipe.model.get("llm")
-    if llm is None:
-        return model, build_processor(config)
-    return model, build_processor(config, tokenizer=start_from_world_llm(model, llm))
+        model, processor = AstreaForConditionalGeneration.from_pretrained(source), AstreaProcessor.from_pretrained(source)
+    else:
+        preset = recipe.model.get("preset", "tiny")
+        if preset != "tiny":
+            raise ValueError(f"model.preset={preset!r} has no random weights to start from; give model.path (an `astrea create` folder)")
+        torch.manual_seed(int(recipe.model.get("seed", recipe.seed)))
+        config = preset_config(preset, recipe.model.get("overrides"))
+        model = AstreaForConditionalGeneration(config)
+        llm = recipe.model.get("llm")
+        processor = build_processor(config, tokenizer=start_from_world_llm(model, llm) if llm else None)
+    apply_prompt_layout(model, processor, recipe.data)
+    return model, processor
+
+
+def apply_prompt_layout(model, processor, data: dict | None) -> None:
+    """Set the recipe's prompt layout (``data.image_position``, ``data.system_prompt``; each left
+    out: the model's own) on the processor and the model's config, so that training renders every
+    row in it and the saved folder prompts the model the same way (``astrea eval``, the pipeline)."""
+    data = data or {}
+    layout = {key: data[key] for key in ("image_position", "system_prompt") if key in data}
+    processor.set_prompt_layout(**layout)
+    model.config.image_position = processor.image_position
+    model.config.system_prompt = processor.system_prompt
 
 
 def start_from_world_llm(model, llm: str):

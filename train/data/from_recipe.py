@@ -19,7 +19,7 @@ _DATA_KEYS = {
     "source", "train_size", "validation_size", "test_size", "image_size", "seed", "min_objects", "max_objects",
     "max_vertices", "tolerance", "max_objects_in_target", "max_target_chars", "max_length", "caption_mode", "skip_invalid",
     "verify_images",
-    "coco_captions", "coco_instances", "tags", "images", "instruct", "instruct_images", "question_types", "type_fractions", "image_position", "splits",
+    "coco_captions", "coco_instances", "tags", "images", "instruct", "instruct_images", "question_types", "type_fractions", "image_position", "system_prompt", "splits",
 }
 _SPLIT_SIZES = {"train": 256, "validation": 64, "test": 64}
 

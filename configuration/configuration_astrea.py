@@ -140,8 +140,44 @@ class AstreaExpertConfig(PreTrainedConfig):
         return self.kind in GRID_TOWER_KINDS or (self.kind == "grounding_dino" and self.token_source == "encoder")
 
 
-def _expert_spec() -> SubConfigSpec:
-    return SubConfigSpec(config_class=AstreaExpertConfig, optional=True)
+# One class per role, each naming its entry of an Astrea config.json (`base_config_key`), so that
+# e.g. `AstreaCaptionExpertConfig.from_pretrained(folder)` reads `caption_config` -- with a single
+# class for the four roles, transformers would pick whichever entry has the model type last.
+class AstreaCaptionExpertConfig(AstreaExpertConfig):
+    """:class:`AstreaExpertConfig` of the caption (global) expert: ``caption_config``."""
+
+    base_config_key = "caption_config"
+
+
+class AstreaClassificationExpertConfig(AstreaExpertConfig):
+    """:class:`AstreaExpertConfig` of the classification (tagging) expert: ``classification_config``."""
+
+    base_config_key = "classification_config"
+
+
+class AstreaDetectionExpertConfig(AstreaExpertConfig):
+    """:class:`AstreaExpertConfig` of the detection expert: ``detection_config``."""
+
+    base_config_key = "detection_config"
+
+
+class AstreaSegmentationExpertConfig(AstreaExpertConfig):
+    """:class:`AstreaExpertConfig` of the segmentation expert: ``segmentation_config``."""
+
+    base_config_key = "segmentation_config"
+
+
+#: The expert config class of each role.
+EXPERT_CONFIG_CLASSES = {
+    "caption": AstreaCaptionExpertConfig,
+    "classification": AstreaClassificationExpertConfig,
+    "detection": AstreaDetectionExpertConfig,
+    "segmentation": AstreaSegmentationExpertConfig,
+}
+
+
+def _expert_spec(role: str) -> SubConfigSpec:
+    return SubConfigSpec(config_class=EXPERT_CONFIG_CLASSES[role], optional=True)
 
 
 class AstreaConfig(PreTrainedConfig):
@@ -220,10 +256,10 @@ class AstreaConfig(PreTrainedConfig):
     model_type = "astrea"
     sub_configs_defaults = {
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
-        "caption_config": _expert_spec(),
-        "classification_config": _expert_spec(),
-        "detection_config": _expert_spec(),
-        "segmentation_config": _expert_spec(),
+        "caption_config": _expert_spec("caption"),
+        "classification_config": _expert_spec("classification"),
+        "detection_config": _expert_spec("detection"),
+        "segmentation_config": _expert_spec("segmentation"),
     }
 
     text_config: dict | PreTrainedConfig | None = None
@@ -280,7 +316,7 @@ class AstreaConfig(PreTrainedConfig):
             value = getattr(self, f"{role}_config")
             if isinstance(value, dict):
                 try:
-                    setattr(self, f"{role}_config", AstreaExpertConfig(**value))
+                    setattr(self, f"{role}_config", EXPERT_CONFIG_CLASSES[role](**value))
                 except ValueError as error:
                     raise ValueError(str(error).replace("`expert.", f"`{role}_config.")) from None
         super().__post_init__(**kwargs)
@@ -415,4 +451,4 @@ class AstreaConfig(PreTrainedConfig):
         )
 
 
-__all__ = ["AstreaConfig", "AstreaExpertConfig", "EXPERT_ROLES", "TOWER_KINDS"]
+__all__ = ["AstreaConfig", "AstreaExpertConfig", "EXPERT_CONFIG_CLASSES", "EXPERT_ROLES", "TOWER_KINDS"]

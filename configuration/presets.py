@@ -258,7 +258,6 @@ def paper_13b_parts() -> dict[str, Any]:
     parts = _paper_experts()
     parts["text_config"] = {
         "model_type": "llama",
-        "_name_or_path": "lmsys/vicuna-13b-v1.5",
         "vocab_size": 32064,  # 32000 + <image> at 32000, padded to a multiple of 64 (as llava-1.5-hf)
         "hidden_size": 5120,
         "intermediate_size": 13824,
@@ -279,7 +278,6 @@ def paper_34b_parts() -> dict[str, Any]:
     parts = _paper_experts()
     parts["text_config"] = {
         "model_type": "llama",
-        "_name_or_path": "NousResearch/Nous-Hermes-2-Yi-34B",
         "vocab_size": 64064,  # 64000 + <image> at 64000, padded
         "hidden_size": 7168,
         "intermediate_size": 20480,

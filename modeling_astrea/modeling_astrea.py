@@ -33,14 +33,16 @@ import torch
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
+from transformers.utils import torch_compilable_check
+from transformers.utils.generic import can_return_tuple
 
 from ..configuration.configuration_astrea import EXPERT_ROLES, AstreaConfig
 from .bridge import ResidualBridge
 from .checkpoint_files import check_weights_folder
 from .fusion import MoEFusion
 from .projector import ExpertProjector, resample_tokens
-from .towers import ExpertTower, build_tower
+from .towers import ExpertTower, build_tower, can_run_attn_implementation
 
 PIXEL_KEYS = tuple(f"pixel_values_{role}" for role in EXPERT_ROLES)
 
@@ -48,7 +50,8 @@ PIXEL_KEYS = tuple(f"pixel_values_{role}" for role in EXPERT_ROLES)
 def _check_inputs(model, input_ids, inputs_embeds, attention_mask, past_key_values, pixel_values) -> None:
     """Refuse malformed inputs with a ValueError/TypeError naming them, before torch fails deep inside.
 
-    Two reductions (id range, finite pixels) are the only cost; they are skipped while compiling.
+    Three reductions (id range, finite pixels, the cache length) are the only cost; they are skipped
+    while compiling.
     """
     if input_ids is not None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
@@ -63,11 +66,6 @@ def _check_inputs(model, input_ids, inputs_embeds, attention_mask, past_key_valu
         if inputs_embeds.shape[1] == 0 or inputs_embeds.shape[-1] != hidden:
             raise ValueError(f"`inputs_embeds` must be (batch, seq_len >= 1, {hidden}), got {tuple(inputs_embeds.shape)}")
         shape = tuple(inputs_embeds.shape[:2])
-    if attention_mask is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
-        cached = past_key_values is not None and (past_key_values.get_seq_length() if hasattr(past_key_values, "get_seq_length") else 1) > 0
-        ok = attention_mask.shape[0] == shape[0] and (attention_mask.shape[1] >= shape[1] if cached else attention_mask.shape[1] == shape[1])
-        if not ok:
-            raise ValueError(f"`attention_mask` has shape {tuple(attention_mask.shape)} but the input is {shape}; pad both the same way")
     for role, value in pixel_values.items():
         name = f"pixel_values_{role}"
         if not isinstance(value, torch.Tensor):
@@ -81,6 +79,12 @@ def _check_inputs(model, input_ids, inputs_embeds, attention_mask, past_key_valu
             raise ValueError(f"`{name}` must be (n_images, 3, height, width), got shape {tuple(value.shape)}")
     if torch.compiler.is_compiling():
         return
+    if attention_mask is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        # A static cache's length is a tensor: read only outside compilation (a graph break otherwise).
+        cached = past_key_values is not None and (past_key_values.get_seq_length() if hasattr(past_key_values, "get_seq_length") else 1) > 0
+        ok = attention_mask.shape[0] == shape[0] and (attention_mask.shape[1] >= shape[1] if cached else attention_mask.shape[1] == shape[1])
+        if not ok:
+            raise ValueError(f"`attention_mask` has shape {tuple(attention_mask.shape)} but the input is {shape}; pad both the same way")
     if input_ids is not None:
         vocab = model.get_input_embeddings().num_embeddings
         if input_ids.numel() and bool(((input_ids < 0) | (input_ids >= vocab)).any()):
@@ -102,11 +106,17 @@ def _check_features(name: str, value, tokens: int, width: int) -> torch.Tensor:
 
 
 @dataclass
-class AstreaVisualOutput(ModelOutput):
-    """Visual side of one forward pass.
+class AstreaImageFeaturesOutput(BaseModelOutputWithPooling):
+    """Visual side of one forward pass (``get_image_features``), in the transformers 5 layout.
 
     Args:
-        fused (`(n_images, N, D)`): fused visual tokens that replace the ``<image>`` placeholders.
+        last_hidden_state (`(n_images, N, D)`): fused visual tokens that replace the ``<image>``
+            placeholders (also reachable as ``fused``).
+        pooler_output (`tuple` of `(N, D)`): the same tokens, one entry per image, as LLaVA's.
+        hidden_states, attentions (`tuple`, when asked): those of the first expert's tower in
+            ``expert_order`` (the stage-1 expert), if its tower reports them (transformers towers do).
+        expert_hidden_states, expert_attentions (`dict[str, tuple]`, when asked): the same for every
+            expert whose tower reports them.
         expert_features (`dict[str, (n_images, N, D)]`): projector outputs ``C_i`` per expert.
         bridged_features (`dict[str, (n_images, N, D)]`): expert features after the residual bridge.
         router_logits, router_probs (`(n_images, E)`, or `(n_images, N, E)` with per-token routing): router
@@ -114,12 +124,17 @@ class AstreaVisualOutput(ModelOutput):
         load_balance_loss (`()`): the Switch-style balancing term (used when its coefficient > 0).
     """
 
-    fused: torch.Tensor | None = None
+    expert_hidden_states: dict[str, tuple[torch.Tensor, ...]] | None = None
+    expert_attentions: dict[str, tuple[torch.Tensor, ...]] | None = None
     expert_features: dict[str, torch.Tensor] | None = None
     bridged_features: dict[str, torch.Tensor] | None = None
     router_logits: torch.Tensor | None = None
     router_probs: torch.Tensor | None = None
     load_balance_loss: torch.Tensor | None = None
+
+    @property
+    def fused(self) -> torch.Tensor | None:
+        return self.last_hidden_state
 
 
 @dataclass
@@ -161,9 +176,13 @@ class AstreaPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["ExpertTower", "ResidualBridge", "MoEFusion"]
     _skip_keys_device_placement = ["past_key_values"]
+    # A string attention implementation reaches the towers that can run it; the others keep their
+    # default (see `towers.fit_attn_implementation`).
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
+    # Decode steps (no pixels) run the LLM only, without data-dependent Python branches.
+    _can_compile_fullgraph = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -182,6 +201,11 @@ class AstreaPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, ResidualBridge):
             init.constant_(module.gate, module.gate_init)
+        if hasattr(module, "init_non_persistent_buffers") and not isinstance(module, PreTrainedModel):
+            # timm modules (Swin's relative-position index and shifted-window mask) rebuild their own
+            # buffers; a model built on the meta device and moved with `to_empty()` has garbage there.
+            # (The transformers towers' own `_init_weights` rebuild theirs.)
+            module.init_non_persistent_buffers()
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -199,6 +223,34 @@ class AstreaPreTrainedModel(PreTrainedModel):
                 module.restore_non_persistent_buffers()
                 module.freeze_if_configured()  # loading replaces the parameters, and their requires_grad
         return loaded
+
+    def set_attn_implementation(self, attn_implementation: str | dict, allow_all_kernels: bool = False):
+        """``PreTrainedModel.set_attn_implementation``; a string applies to the sub-models that can run it.
+
+        The others (Grounding-DINO has neither SDPA nor flash attention) keep their current one, as
+        at construction (:func:`towers.fit_attn_implementation`), instead of failing the whole call.
+        """
+        if isinstance(attn_implementation, str):
+            attn_implementation = self._attn_implementation_per_subconfig(attn_implementation)
+        return super().set_attn_implementation(attn_implementation, allow_all_kernels=allow_all_kernels)
+
+    def _attn_implementation_per_subconfig(self, requested: str) -> str | dict:
+        """``requested`` as the nested per-sub-config dict ``set_attn_implementation`` takes.
+
+        Configs that no sub-model owns (the expert wrappers, the timm tower's config) only record
+        the value: it is set on them here, so that transformers does not warn it cannot check them.
+        """
+        owners = {id(module.config): type(module) for module in self.modules() if isinstance(module, PreTrainedModel)}
+
+        def tree(config):
+            owner = owners.get(id(config))
+            if owner is None:
+                config._attn_implementation_internal = requested
+            own = requested if owner is None or can_run_attn_implementation(owner, requested) else config._attn_implementation
+            nested = {key: tree(sub) for key in config.sub_configs if (sub := getattr(config, key, None)) is not None}
+            return {"": own, **nested} if nested else own
+
+        return tree(self.config)
 
     def enable_input_require_grads(self):
         """Make the LLM's input embeddings require grad (for adapters / gradient checkpointing).
@@ -299,8 +351,15 @@ class AstreaModel(AstreaPreTrainedModel):
         pixel_values: dict[str, torch.Tensor] | None = None,
         expert_features: dict[str, torch.Tensor] | None = None,
         tower_features: dict[str, torch.Tensor] | None = None,
+        tower_outputs: dict[str, dict] | None = None,
+        output_attentions: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """Projector outputs ``C_i`` ``(n_images, N, D)`` per expert, from pixels, cached tower tokens or precomputed."""
+        """Projector outputs ``C_i`` ``(n_images, N, D)`` per expert, from pixels, cached tower tokens or precomputed.
+
+        ``tower_outputs``: a dict to fill with each run tower's ``{"hidden_states", "attentions"}``;
+        when given, the towers are asked for their hidden states, and for their attentions with
+        ``output_attentions`` (see :meth:`ExpertTower.forward_with_states`).
+        """
         pixel_values = pixel_values or {}
         expert_features = expert_features or {}
         tower_features = tower_features or {}
@@ -316,6 +375,10 @@ class AstreaModel(AstreaPreTrainedModel):
             if role in tower_features:
                 width = self.projectors[role].layers[0].in_features
                 tokens = _check_features(f"tower_features['{role}']", tower_features[role], self.config.num_visual_tokens, width)
+            elif pixel_values.get(role) is not None and tower_outputs is not None:
+                tower = self.towers[role]
+                tokens, tower_outputs[role] = tower.forward_with_states(pixel_values[role], output_attentions)
+                tokens = resample_tokens(tokens, tower.grid, self.config.num_visual_tokens)
             elif pixel_values.get(role) is not None:
                 tokens = self.get_tower_tokens(role, pixel_values[role])
             else:
@@ -329,24 +392,49 @@ class AstreaModel(AstreaPreTrainedModel):
             raise ValueError(f"every expert needs the same number of images (pixel_values_<role> / features), got {counts}")
         return out
 
+    @can_return_tuple
     def get_image_features(
         self,
+        pixel_values_caption: torch.FloatTensor | None = None,
+        pixel_values_classification: torch.FloatTensor | None = None,
+        pixel_values_detection: torch.FloatTensor | None = None,
+        pixel_values_segmentation: torch.FloatTensor | None = None,
         pixel_values: dict[str, torch.Tensor] | None = None,
         expert_features: dict[str, torch.Tensor] | None = None,
+        tower_features: dict[str, torch.Tensor] | None = None,
         text_features: torch.Tensor | None = None,
         bridge_generator: torch.Generator | None = None,
-        tower_features: dict[str, torch.Tensor] | None = None,
-    ) -> AstreaVisualOutput:
-        """Steps 1-4 of the module docstring: fused visual tokens plus the router outputs."""
-        features = self.get_expert_features(pixel_values, expert_features, tower_features)
-        return self.fuse_expert_features(features, text_features, bridge_generator)
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        **kwargs,
+    ) -> AstreaImageFeaturesOutput | tuple:
+        """Steps 1-4 of the module docstring: fused visual tokens plus the router outputs.
+
+        Takes the processor's pixel keys (``pixel_values_<role>=...``) or, equivalently, one dict
+        ``pixel_values={role: tensor}``, plus cached ``expert_features`` / ``tower_features``.
+        ``text_features`` (``(n_images, D)``) feed a ``visual+text`` router; ``bridge_generator``
+        draws the bridge's training-time Bernoulli masks.
+        """
+        pixel_values = {**(pixel_values or {}), **_pixel_dict(pixel_values_caption, pixel_values_classification, pixel_values_detection, pixel_values_segmentation)}
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        tower_outputs = {} if output_hidden_states or output_attentions else None
+        features = self.get_expert_features(pixel_values, expert_features, tower_features, tower_outputs, bool(output_attentions))
+        visual = self.fuse_expert_features(features, text_features, bridge_generator)
+        if tower_outputs:
+            asked = [name for name, wanted in (("hidden_states", output_hidden_states), ("attentions", output_attentions)) if wanted]
+            for name in asked:
+                per_expert = {role: states[name] for role, states in tower_outputs.items() if states.get(name) is not None}
+                visual[f"expert_{name}"] = per_expert
+                visual[name] = per_expert.get(self.active_roles[0])
+        return visual
 
     def fuse_expert_features(
         self,
         features: dict[str, torch.Tensor],
         text_features: torch.Tensor | None = None,
         bridge_generator: torch.Generator | None = None,
-    ) -> AstreaVisualOutput:
+    ) -> AstreaImageFeaturesOutput:
         """Steps 3-4: residual bridges over the earlier experts' ``C_i``, then the MoE fusion."""
         bridged = {}
         for position, role in enumerate(self.active_roles):
@@ -354,16 +442,27 @@ class AstreaModel(AstreaPreTrainedModel):
             bridged[role] = self.bridges[role](features[role], previous, bridge_generator) if previous else features[role]
         if self.alignment_role is not None:
             fused = torch.stack([bridged[role] for role in self.alignment_group]).mean(dim=0)
-            return AstreaVisualOutput(fused=fused, expert_features=features, bridged_features=bridged)
+            return AstreaImageFeaturesOutput(last_hidden_state=fused, pooler_output=tuple(fused), expert_features=features, bridged_features=bridged)
         fusion = self.fusion([bridged[role] for role in self.expert_order], text_features)
-        return AstreaVisualOutput(
-            fused=fusion.fused,
+        return AstreaImageFeaturesOutput(
+            last_hidden_state=fusion.fused,
+            pooler_output=tuple(fusion.fused),
             expert_features=features,
             bridged_features=bridged,
             router_logits=fusion.router_logits,
             router_probs=fusion.router_probs,
             load_balance_loss=fusion.load_balance_loss,
         )
+
+    def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """``(batch, seq_len)`` mask of the ``<image>`` positions: from the ids, or, given only
+        ``inputs_embeds``, where a row equals the ``<image>`` embedding (as LLaVA finds them)."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_embedding = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == image_embedding.to(inputs_embeds.dtype)).all(-1)
 
     def instruction_features(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, image_mask: torch.Tensor) -> torch.Tensor:
         """Router input ``(n_images, D)``: per image, the mean embedding of the text tokens before it.
@@ -388,6 +487,7 @@ class AstreaModel(AstreaPreTrainedModel):
         return sums[batch, position] / counts[batch, position].clamp(min=1.0)
 
     # ----------------------------------------------------------------------- forward
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -403,41 +503,41 @@ class AstreaModel(AstreaPreTrainedModel):
         tower_features: dict[str, torch.Tensor] | None = None,
         use_cache: bool | None = None,
         **kwargs,
-    ) -> AstreaModelOutputWithPast:
+    ) -> AstreaModelOutputWithPast | tuple:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
-        pixel_values = {
-            role: value
-            for role, value in zip(
-                EXPERT_ROLES,
-                (pixel_values_caption, pixel_values_classification, pixel_values_detection, pixel_values_segmentation),
-            )
-            if value is not None
-        }
+        pixel_values = _pixel_dict(pixel_values_caption, pixel_values_classification, pixel_values_detection, pixel_values_segmentation)
         _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_key_values, pixel_values)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         visual = None
         if pixel_values or expert_features or tower_features:
-            if input_ids is None:
-                raise ValueError("images need `input_ids` holding the <image> placeholders, not `inputs_embeds`")
-            image_mask = input_ids == self.config.image_token_id
-            n_tokens = int(image_mask.sum())
+            image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
             n_images = next(iter({**pixel_values, **(tower_features or {}), **(expert_features or {})}.values())).shape[0]
             per_image = self.config.num_visual_tokens
-            if n_tokens != n_images * per_image:
-                raise ValueError(
-                    f"the text holds {n_tokens} <image> tokens but {n_images} image(s) x {per_image} visual tokens "
+            torch_compilable_check(
+                image_mask.sum() == n_images * per_image,
+                lambda: (
+                    f"the text holds {int(image_mask.sum())} <image> tokens but {n_images} image(s) x {per_image} visual tokens "
                     f"= {n_images * per_image} are needed; build the inputs with AstreaProcessor, which expands each "
                     f"<image> to {per_image} tokens"
-                )
+                ),
+            )
             text_features = None
             if self.fusion.router.use_text:
                 text_features = self.instruction_features(inputs_embeds, attention_mask, image_mask)
-            visual = self.get_image_features(pixel_values, expert_features, text_features, tower_features=tower_features)
+            visual = self.get_image_features(
+                pixel_values=pixel_values,
+                expert_features=expert_features,
+                tower_features=tower_features,
+                text_features=text_features,
+                output_hidden_states=False,
+                output_attentions=False,
+                return_dict=True,
+            )
             fused = visual.fused.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], fused.reshape(-1, fused.shape[-1]))
-        elif input_ids is not None and past_key_values is None and bool((input_ids == self.config.image_token_id).any()):
+        elif past_key_values is None and not torch.compiler.is_compiling() and bool(self.get_placeholder_mask(input_ids, inputs_embeds).any()):
             raise ValueError("the text holds <image> tokens but no pixel values were given; pass the images to the processor")
 
         outputs = self.language_model(
@@ -446,6 +546,7 @@ class AstreaModel(AstreaPreTrainedModel):
             position_ids=position_ids,
             past_key_values=past_key_values,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         return AstreaModelOutputWithPast(
@@ -460,8 +561,17 @@ class AstreaModel(AstreaPreTrainedModel):
         )
 
 
+def _pixel_dict(caption, classification, detection, segmentation) -> dict[str, torch.Tensor]:
+    """``{role: pixels}`` of the per-expert pixel arguments that were given."""
+    values = (caption, classification, detection, segmentation)
+    return {role: value for role, value in zip(EXPERT_ROLES, values) if value is not None}
+
+
 class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # As LLaVA's: the LM head's shard plan (the LLM's own plan comes from its config's base_model_tp_plan).
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: AstreaConfig):
         super().__init__(config)
@@ -481,9 +591,11 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.lm_head = value
 
-    def get_image_features(self, **kwargs) -> AstreaVisualOutput:
+    def get_image_features(self, **kwargs) -> AstreaImageFeaturesOutput | tuple:
+        """:meth:`AstreaModel.get_image_features` (same arguments)."""
         return self.model.get_image_features(**kwargs)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -501,7 +613,7 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> AstreaCausalLMOutputWithPast:
+    ) -> AstreaCausalLMOutputWithPast | tuple:
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -515,6 +627,7 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
             expert_features=expert_features,
             tower_features=tower_features,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -529,7 +642,8 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
                     f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}"
                 )
             vocab = self.config.text_config.vocab_size
-            if bool(((labels != -100) & ((labels < 0) | (labels >= vocab))).any()):
+            # A data-dependent check: eager only (under torch.compile it would break the graph).
+            if not torch.compiler.is_compiling() and bool(((labels != -100) & ((labels < 0) | (labels >= vocab))).any()):
                 raise ValueError(f"`labels` must be -100 (ignored) or token ids in [0, {vocab})")
             if input_ids is not None:
                 # <image> placeholders are inputs, never targets.
@@ -550,8 +664,55 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
             load_balance_loss=outputs.load_balance_loss,
         )
 
-    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
+        """Beams and ``num_return_sequences`` repeat every sample; its images must follow as a group.
+
+        ``GenerationMixin`` repeats each row of every tensor argument in place (``[A, B] -> [A, A,
+        B, B]``), which is right for the text but not for the images when a sample has several or
+        none: sample 0 with images A, B needs ``[A, B, A, B]``. Pixels and cached features are
+        repeated here per sample instead (images per sample = its ``<image>`` tokens / N).
+        """
+        visual = {key: model_kwargs.pop(key) for key in (*PIXEL_KEYS, "expert_features", "tower_features") if model_kwargs.get(key) is not None}
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+        if expand_size > 1 and visual:
+            text = input_ids if input_ids is not None and input_ids.numel() else None
+            mask = self.model.get_placeholder_mask(text, model_kwargs.get("inputs_embeds"))
+            # The text was expanded already: every expand_size-th row is an original sample.
+            per_sample = (mask[::expand_size].sum(-1) // self.config.num_visual_tokens).tolist()
+
+            def regroup(images: torch.Tensor) -> torch.Tensor:
+                if sum(per_sample) != images.shape[0]:
+                    return images  # malformed: forward names the mismatch
+                groups = images.split(per_sample)
+                return torch.cat([group for group in groups for _ in range(expand_size)])
+
+            visual = {
+                key: {role: regroup(value) for role, value in item.items()} if isinstance(item, dict) else regroup(item)
+                for key, item in visual.items()
+            }
+        return input_ids, {**model_kwargs, **visual}
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        past_key_values=None,
+        attention_mask: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ):
+        # The named arguments are GenerationMixin's: generate() reads this signature to allow
+        # `inputs_embeds` (it refuses them for a model whose signature lacks the name).
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            next_sequence_length=next_sequence_length,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
         if not is_first_iteration and kwargs.get("use_cache", True):
             # Visual features are computed once, in the prefill; decode steps only run the LLM.
             for key in (*PIXEL_KEYS, "expert_features", "tower_features"):

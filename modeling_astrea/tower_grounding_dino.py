@@ -66,7 +66,7 @@ from torch import nn
 from transformers import GroundingDinoForObjectDetection, GroundingDinoModel, PreTrainedModel
 from transformers.models.grounding_dino.modeling_grounding_dino import GroundingDinoMLPPredictionHead
 
-from .towers import ExpertTower, _named_non_persistent_buffers, load_into, register_tower
+from .towers import ExpertTower, _named_non_persistent_buffers, fit_attn_implementation, load_into, register_tower
 
 #: Keys of the detection head that sits outside ``GroundingDinoModel`` (``class_embed`` has no
 #: weights in transformers but may appear in converted checkpoints).
@@ -147,6 +147,7 @@ class GroundingDinoTower(ExpertTower):
         super().__init__(config)
         tower_config = config.tower_config
         self._check_prompt(config, tower_config)
+        fit_attn_implementation(tower_config, GroundingDinoModel)
         self.model = GroundingDinoModel(tower_config)
         # transformers' `enable_input_require_grads` (run by `gradient_checkpointing_enable` on the
         # whole Astrea model) hooks the output of every sub-model's `get_input_embeddings()` with

@@ -57,7 +57,7 @@ from pathlib import Path
 import torch
 from transformers import Sam2VisionModel
 
-from .towers import ExpertTower, load_into, load_state_dict_file, register_tower, resolve_weights_file, tokens_from_feature_map
+from .towers import ExpertTower, fit_attn_implementation, load_into, load_state_dict_file, register_tower, resolve_weights_file, tokens_from_feature_map
 
 #: Ordered (pattern, replacement) pairs turning original ``image_encoder.*`` names into
 #: ``Sam2VisionModel`` names. Every ``image_encoder.*`` key must match one of them.
@@ -134,6 +134,7 @@ class Sam2Tower(ExpertTower):
                 f"sam2 tower: feature_level={config.feature_level} is out of range; Sam2VisionModel returns "
                 f"{num_levels} FPN levels (0 = stride 4, finest; {num_levels - 1} = coarsest)"
             )
+        fit_attn_implementation(tower_config, Sam2VisionModel)
         self.model = Sam2VisionModel(tower_config)
         self.grid = self._level_grid(tower_config, config.image_size, config.feature_level)
         self.out_dim = tower_config.fpn_hidden_size

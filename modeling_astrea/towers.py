@@ -89,13 +89,16 @@ class ExpertTower(nn.Module, abc.ABC):
         return self.config.tower_config.num_queries
 
     # ------------------------------------------------------------------ behaviour
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def _check_pixels(self, pixel_values: torch.Tensor) -> None:
         size = self.config.image_size
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[-2:]) != (size, size):
             raise ValueError(
                 f"the {self.kind} tower expects pixel_values of shape (batch, 3, {size}, {size}), got "
                 f"{tuple(pixel_values.shape)}; preprocess images with AstreaProcessor"
             )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        self._check_pixels(pixel_values)
         dtype = self.input_dtype
         self._match_buffer_dtype(dtype)
         if self.config.frozen:
@@ -113,6 +116,21 @@ class ExpertTower(nn.Module, abc.ABC):
             for name, buffer in module._buffers.items():
                 if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
                     module._buffers[name] = buffer.to(dtype)
+
+    def forward_with_states(self, pixel_values: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, dict]:
+        """:meth:`forward` plus the tower's per-layer ``{"hidden_states", "attentions"}`` (``None`` where
+        the tower does not report them; :meth:`encode_with_states` says which)."""
+        self._check_pixels(pixel_values)
+        dtype = self.input_dtype
+        self._match_buffer_dtype(dtype)
+        if self.config.frozen:
+            with torch.no_grad():
+                return self.encode_with_states(pixel_values.to(dtype), output_attentions)
+        return self.encode_with_states(pixel_values.to(dtype), output_attentions)
+
+    def encode_with_states(self, pixel_values: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, dict]:
+        """:meth:`encode` plus per-layer states; towers that cannot report them return ``None`` for both."""
+        return self.encode(pixel_values), {"hidden_states": None, "attentions": None}
 
     @property
     def input_dtype(self) -> torch.dtype:
@@ -161,6 +179,38 @@ class ExpertTower(nn.Module, abc.ABC):
             if value.shape != buffer.shape:
                 raise RuntimeError(f"recomputed buffer {name!r} has shape {tuple(value.shape)}, expected {tuple(buffer.shape)}")
             buffer.copy_(value.to(device=buffer.device, dtype=buffer.dtype))
+
+
+def can_run_attn_implementation(model_class: type, implementation: str | None) -> bool:
+    """Whether a transformers model class declares support for an attention implementation.
+
+    Implementations other than SDPA, flash and flex (eager, kernels from the Hub, paged variants of
+    the three) are left to the model to accept or refuse.
+    """
+    if implementation is None or implementation == "eager":
+        return True
+    name = implementation.split("|")[-1]
+    if "sdpa" in name:
+        return bool(getattr(model_class, "_supports_sdpa", False))
+    if "flex_attention" in name:
+        return bool(getattr(model_class, "_supports_flex_attn", False))
+    if "flash" in name:
+        return bool(getattr(model_class, "_supports_flash_attn", False))
+    return True
+
+
+def fit_attn_implementation(tower_config, model_class: type) -> None:
+    """Let a tower model that cannot run the requested attention keep its default instead of failing.
+
+    ``from_pretrained(..., attn_implementation="sdpa")`` sets the implementation on every sub-config
+    of the Astrea config (transformers' setter recurses), tower configs included, and a model class
+    without SDPA (Grounding-DINO) refuses it at construction. As in transformers' composite models,
+    the string applies to the sub-models that support it: this tower's own config goes back to
+    ``None`` (its default: SDPA where supported, else eager), while its nested configs (e.g.
+    Grounding-DINO's Swin and BERT, which support SDPA) keep the request.
+    """
+    if not can_run_attn_implementation(model_class, tower_config._attn_implementation):
+        tower_config._attn_implementation_internal = None
 
 
 def _named_non_persistent_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -300,6 +350,8 @@ __all__ = [
     "TOWER_REGISTRY",
     "ExpertTower",
     "build_tower",
+    "can_run_attn_implementation",
+    "fit_attn_implementation",
     "register_tower",
     "resolve_weights_file",
     "load_state_dict_file",

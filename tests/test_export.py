@@ -148,6 +148,26 @@ if MODE == "full":
         tensors["last_hidden_state"] = backbone(**inputs).last_hidden_state
     tensors["generated"] = model.generate(**inputs, max_new_tokens=request["max_new_tokens"], do_sample=False)
 
+    # The transformers contract through the remote code (issue 17): loading kwargs and return
+    # shapes, SDPA on the towers that have it, tuple outputs, and a meta-device build.
+    sdpa, info = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, output_loading_info=True, attn_implementation="sdpa")
+    report["loading_info_missing"] = sorted(info["missing_keys"])
+    report["sdpa_implementations"] = {
+        "llm": sdpa.model.language_model.config._attn_implementation,
+        "caption": sdpa.model.towers["caption"].model.config._attn_implementation,
+        "detection": sdpa.model.towers["detection"].model.config._attn_implementation,
+    }
+    with torch.no_grad():
+        tensors["sdpa_logits"] = sdpa.eval()(**inputs).logits
+        tensors["tuple_logits"] = model(**inputs, return_dict=False)[0]
+    with torch.device("meta"):
+        meta_built = type(model)(config)
+    meta_built.to_empty(device="cpu")
+    meta_built.init_weights()
+    meta_built.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        tensors["meta_logits"] = meta_built.eval()(**inputs).logits
+
     # A remote-code model saves its own (flat) code: the re-saved folder loads the same way.
     resaved = os.path.join(OUT, "resaved")
     model.save_pretrained(resaved)
@@ -471,8 +491,8 @@ def test_remote_load_runs_without_astrea_vlm(remote):
     assert report["backbone_class"].endswith("modeling_astrea.AstreaModel")
     # The expert sub-configs (model_type astrea_expert) resolve to the shipped class too.
     assert set(report["expert_config_classes"]) == {"caption", "classification", "detection", "segmentation"}
-    for qualname in report["expert_config_classes"].values():
-        assert qualname.startswith("transformers_modules.") and qualname.endswith("configuration_astrea.AstreaExpertConfig")
+    for role, qualname in report["expert_config_classes"].items():
+        assert qualname.startswith("transformers_modules.") and qualname.endswith(f"configuration_astrea.Astrea{role.title()}ExpertConfig")
 
 
 def test_remote_model_matches_the_in_process_model(hub, remote):
@@ -489,6 +509,19 @@ def test_remote_model_matches_the_in_process_model(hub, remote):
     assert "modeling_astrea.py" in {path.name for path in resaved}
     for path in resaved:  # transformers' own custom_object_save copied the generated files unchanged
         assert path.read_bytes() == (hub["folder"] / path.name).read_bytes(), path.name
+
+
+def test_remote_code_keeps_the_transformers_contract_in_a_fresh_process(hub, remote):
+    """``output_loading_info``, ``return_dict=False``, ``attn_implementation="sdpa"`` and a meta-device
+    build + ``init_weights()`` all work through the exported code, without astrea_vlm installed."""
+    report, tensors = remote["report"], remote["tensors"]
+    with torch.no_grad():
+        logits = hub["model"](**hub["inputs"]).logits
+    assert report["loading_info_missing"] == []
+    torch.testing.assert_close(tensors["tuple_logits"], logits, atol=1e-6, rtol=0)
+    assert report["sdpa_implementations"] == {"llm": "sdpa", "caption": "sdpa", "detection": "eager"}
+    torch.testing.assert_close(tensors["sdpa_logits"], logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(tensors["meta_logits"], logits, atol=1e-6, rtol=0)
 
 
 @pytest.mark.skipif(not HAS_PROCESSOR, reason="processing/processing_astrea.py not written yet")

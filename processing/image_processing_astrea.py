@@ -20,9 +20,17 @@ Views
     list of frames; ``num_frames`` of them are sampled uniformly and each frame is one view.
 
 Inputs
-    PIL images of any mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...), numpy arrays (HW or HWC, uint8,
-    uint16 or float in [0, 1]), torch tensors (CHW or HWC) and file paths. EXIF orientation is
-    applied; transparency is composited on white; 16-bit images are scaled, not clipped.
+    PIL images of any mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...), numpy arrays and torch tensors
+    (HW, HWC or CHW; uint8, uint16 or float in [0, 1]; ``input_data_format`` settles an ambiguous
+    layout) and file paths. EXIF orientation is applied; transparency is composited on white; 16-bit
+    images are scaled, not clipped.
+
+Options (transformers' ``ImagesKwargs``, at construction or per call; a call's value wins)
+    ``do_rescale`` / ``rescale_factor`` (8-bit values to [0, 1]: ``1/255``), ``do_normalize``,
+    ``image_mean`` / ``image_std``, ``size`` (a square side, or ``{"height": s, "width": s}``) and
+    ``resample``. The last four default to each expert's own value; given, they apply to every expert.
+    Options a square per-expert pipeline cannot honour (cropping, padding, no resize, channels last
+    out) raise instead of being ignored.
 """
 
 from __future__ import annotations
@@ -84,6 +92,23 @@ def _array_to_uint8(array: np.ndarray) -> np.ndarray:
     raise TypeError(f"unsupported image dtype {array.dtype}; use uint8, uint16 or float in [0, 1]")
 
 
+def _channels_last(array: np.ndarray, input_data_format=None, channels: tuple[int, ...] = (1, 3)) -> np.ndarray:
+    """A 3-D array with its channels last: ``input_data_format`` says where they are
+    ("channels_first" / "channels_last", or transformers' ``ChannelDimension``); without it they are
+    inferred as transformers' image processors do -- first when the first axis has ``channels``
+    entries and the last does not (a 4x4x5 array is then an invalid 5-channel image, not RGBA)."""
+    if array.ndim != 3:
+        return array
+    layout = getattr(input_data_format, "value", input_data_format)
+    if layout is None:
+        first_is_channels = array.shape[0] in channels and array.shape[-1] not in channels
+    elif layout in ("channels_first", "channels_last"):
+        first_is_channels = layout == "channels_first"
+    else:
+        raise ValueError(f"input_data_format={input_data_format!r}: use 'channels_first' or 'channels_last'")
+    return np.moveaxis(array, 0, -1) if first_is_channels else array
+
+
 def _array_to_pil(array: np.ndarray) -> Image.Image:
     if array.size == 0:
         raise ValueError(f"the image is empty (shape {tuple(array.shape)}); pass an image of at least 1x1 pixels")
@@ -93,7 +118,7 @@ def _array_to_pil(array: np.ndarray) -> Image.Image:
         return Image.fromarray(_array_to_uint8(array), mode="L")
     if array.ndim != 3 or array.shape[-1] not in (3, 4):
         raise ValueError(
-            f"an image array must be HxW, HxWx1, HxWx3 or HxWx4 (channels last), got shape {tuple(array.shape)}"
+            f"an image array must be HxW, HxWx1, HxWx3 or HxWx4 (or 1/3/4xHxW, channels first), got shape {tuple(array.shape)}"
         )
     return Image.fromarray(_array_to_uint8(array), mode="RGB" if array.shape[-1] == 3 else "RGBA")
 
@@ -175,8 +200,10 @@ def _open_checked(path: str) -> Image.Image:
         raise ValueError(f"cannot read {path} as an image ({type(error).__name__}: {error}); the file is corrupt, truncated or not an image") from None
 
 
-def to_pil_rgb(image) -> Image.Image:
+def to_pil_rgb(image, input_data_format=None) -> Image.Image:
     """Convert any supported image input to an RGB PIL image (see the module docstring).
+
+    Arrays and tensors may be channels first or last (``input_data_format``, else inferred).
 
     Files and lazily opened PIL images larger than ``PIL.Image.MAX_IMAGE_PIXELS`` (PIL's
     decompression-bomb limit, about 89 megapixels) are refused before they are decoded.
@@ -202,12 +229,10 @@ def to_pil_rgb(image) -> Image.Image:
         array = image.detach().cpu()
         if array.dtype == torch.bfloat16:
             array = array.float()
-        array = array.numpy()
-        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-            array = np.moveaxis(array, 0, -1)  # CHW -> HWC
-        return _pil_to_rgb(_array_to_pil(array))
+        # Torch images are conventionally CHW: RGBA (4 channels) first is inferred too.
+        return _pil_to_rgb(_array_to_pil(_channels_last(array.numpy(), input_data_format, channels=(1, 3, 4))))
     if isinstance(image, np.ndarray):
-        return _pil_to_rgb(_array_to_pil(image))
+        return _pil_to_rgb(_array_to_pil(_channels_last(image, input_data_format)))
     raise TypeError(
         f"unsupported image type {type(image).__name__}; pass a PIL image, a numpy array, a torch tensor or a file path"
     )
@@ -283,6 +308,15 @@ class AstreaImageProcessor(BaseImageProcessor):
 
     model_input_names = ["pixel_values"]
 
+    # ImagesKwargs defaults (see "Options" in the module docstring); None: each expert's own value.
+    do_rescale = True
+    rescale_factor = 1 / 255
+    do_normalize = True
+    image_mean = None
+    image_std = None
+    size = None
+    resample = None
+
     def __init__(
         self,
         experts: dict[str, dict] | None = None,
@@ -323,54 +357,108 @@ class AstreaImageProcessor(BaseImageProcessor):
             image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))), Image.BICUBIC)
         return image
 
-    def image_views(self, image) -> list[Image.Image]:
+    def image_views(self, image, input_data_format=None) -> list[Image.Image]:
         """The views one image becomes: itself, or itself plus its AnyRes tiles."""
-        image = self._limit_size(to_pil_rgb(image))
+        image = self._limit_size(to_pil_rgb(image, input_data_format))
         if self.image_grid_pinpoints:
             return anyres_views(image, self.image_grid_pinpoints, self.tile_size)
         return [image]
 
-    def video_views(self, video) -> list[Image.Image]:
+    def video_views(self, video, num_frames: int | None = None, input_data_format=None) -> list[Image.Image]:
         frames = video_frames(video)
         if not frames:
             raise ValueError("a video holds no frames")
-        return [self._limit_size(to_pil_rgb(frames[i])) for i in sample_frame_indices(len(frames), self.num_frames)]
+        indices = sample_frame_indices(len(frames), num_frames or self.num_frames)
+        return [self._limit_size(to_pil_rgb(frames[i], input_data_format)) for i in indices]
 
-    def num_views(self, image) -> int:
+    def num_views(self, image, input_data_format=None) -> int:
         """How many views (each ``num_visual_tokens`` tokens) an image becomes."""
         if not self.image_grid_pinpoints:
             return 1
-        image = self._limit_size(to_pil_rgb(image))
-        height, width = select_best_resolution((image.height, image.width), self.image_grid_pinpoints)
-        return 1 + (height // self.tile_size) * (width // self.tile_size)
+        image = to_pil_rgb(image, input_data_format)
+        return self.num_views_for_size(image.height, image.width)
 
-    def pixels_for_views(self, views: list[Image.Image], return_tensors: str | None = "pt", roles=None) -> BatchFeature:
+    def num_views_for_size(self, height: int, width: int) -> int:
+        """How many views an image of ``height`` x ``width`` pixels becomes (see :meth:`num_views`)."""
+        if not self.image_grid_pinpoints:
+            return 1
+        pixels = width * height
+        if pixels > self.max_image_pixels:  # as _limit_size
+            scale = math.sqrt(self.max_image_pixels / pixels)
+            width, height = max(1, int(width * scale)), max(1, int(height * scale))
+        best_height, best_width = select_best_resolution((height, width), self.image_grid_pinpoints)
+        return 1 + (best_height // self.tile_size) * (best_width // self.tile_size)
+
+    def resolve_options(self, **options) -> dict:
+        """The ImagesKwargs of one call: given values, else the processor's; unsupported ones raise."""
+        refused = {
+            "do_resize": False,  # every tower reads a fixed square
+            "do_center_crop": True,
+            "do_pad": True,
+            "do_convert_rgb": False,  # towers read RGB
+        }
+        for key, value in refused.items():
+            if options.get(key) is value:
+                raise ValueError(f"AstreaImageProcessor: {key}={value} is not supported; each expert reads RGB pixels resized to its own square")
+        for key in ("crop_size", "pad_size"):
+            if options.get(key) is not None:
+                raise ValueError(f"AstreaImageProcessor: {key} is not supported; each expert reads pixels resized to its own square")
+        data_format = getattr(options.get("data_format"), "value", options.get("data_format"))
+        if data_format not in (None, "channels_first"):
+            raise ValueError(f"AstreaImageProcessor: data_format={data_format!r}; the towers read channels-first pixels")
+        resolved = {key: options.get(key) if options.get(key) is not None else getattr(self, key) for key in
+                    ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std", "size", "resample")}
+        size = resolved["size"]
+        if isinstance(size, dict):
+            if set(size) != {"height", "width"} or size["height"] != size["width"]:
+                raise ValueError(f"AstreaImageProcessor: size={size}; the towers read squares: pass an int or {{'height': s, 'width': s}}")
+            resolved["size"] = size["height"]
+        resample = resolved["resample"]
+        if resample is not None and not isinstance(resample, str):
+            names = {int(v): k for k, v in _RESAMPLE.items()}
+            if int(resample) not in names:
+                raise ValueError(f"AstreaImageProcessor: resample={resample!r}: use one of {sorted(_RESAMPLE)}")
+            resolved["resample"] = names[int(resample)]
+        elif resample is not None and resample not in _RESAMPLE:
+            raise ValueError(f"AstreaImageProcessor: resample={resample!r}: use one of {sorted(_RESAMPLE)}")
+        return resolved
+
+    def pixels_for_views(self, views: list[Image.Image], return_tensors: str | None = "pt", roles=None, **options) -> BatchFeature:
         """Resize and normalise views for every expert -> ``pixel_values_<role>`` ``(n_views, 3, S, S)``.
 
-        ``roles`` (default: every expert) limits the output to those experts' pixels.
+        ``roles`` (default: every expert) limits the output to those experts' pixels; ``options``
+        are the call's ImagesKwargs (see the module docstring).
         """
         if roles is not None:
             unknown = sorted(set(roles) - set(self.experts))
             if unknown:
                 raise ValueError(f"no expert named {unknown}; this image processor's experts are {list(self.experts)}")
+        options = self.resolve_options(**options)
         data = {}
         for role, spec in self.experts.items():
             if roles is not None and role not in roles:
                 continue
+            spec = {**spec, **{key: options[key] for key in ("size", "image_mean", "image_std", "resample") if options[key] is not None}}
             size, resample = spec["size"], _RESAMPLE[spec["resample"]]
             mean = np.asarray(spec["image_mean"], dtype=np.float32)
             std = np.asarray(spec["image_std"], dtype=np.float32)
-            arrays = [
-                ((np.asarray(view.resize((size, size), resample), dtype=np.float32) / 255.0 - mean) / std).transpose(2, 0, 1)
-                for view in views
-            ]
+            arrays = []
+            for view in views:
+                pixels = np.asarray(view.resize((size, size), resample), dtype=np.float32)
+                if options["do_rescale"]:
+                    # Dividing by 255 for the default factor is the arithmetic of earlier releases, bit for bit.
+                    factor = options["rescale_factor"]
+                    pixels = pixels / 255.0 if factor == 1 / 255 else pixels * np.float32(factor)
+                if options["do_normalize"]:
+                    pixels = (pixels - mean) / std
+                arrays.append(pixels.transpose(2, 0, 1))
             data[f"pixel_values_{role}"] = np.stack(arrays) if arrays else np.zeros((0, 3, size, size), np.float32)
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def preprocess(self, images, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
+    def preprocess(self, images, return_tensors: str | None = "pt", input_data_format=None, **options) -> BatchFeature:
         """Process one image or a (nested) list of images; views of all images are concatenated in order."""
-        views = [view for image in flatten_images(images) for view in self.image_views(image)]
-        return self.pixels_for_views(views, return_tensors)
+        views = [view for image in flatten_images(images) for view in self.image_views(image, input_data_format)]
+        return self.pixels_for_views(views, return_tensors, **options)
 
     def __call__(self, images, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
         return self.preprocess(images, return_tensors=return_tensors, **kwargs)

@@ -26,7 +26,9 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.image_utils import ImageInput
+from transformers.processing_utils import MultiModalData, ProcessorMixin
+from transformers.tokenization_utils_base import TextInput
 
 from .image_processing_astrea import flatten_images, flatten_videos
 
@@ -172,6 +174,8 @@ class AstreaProcessor(ProcessorMixin):
 
     image_token = "<image>"
     video_token = "<video>"
+    # Call defaults (transformers' ProcessingKwargs: processor attributes, overridden per call).
+    text_kwargs = {"padding": True, "return_tensors": "pt"}
 
     def __init__(self, image_processor=None, tokenizer=None, num_visual_tokens: int = 576, image_position: str = "before",
                  system_prompt: str | None = None, chat_template: str | None = None, **kwargs):
@@ -228,22 +232,25 @@ class AstreaProcessor(ProcessorMixin):
             self._skipped_pixel_roles = previous
 
     # ------------------------------------------------------------------------- helpers
-    def _expand_text(self, texts: list[str], images: list, videos: list) -> tuple[list[str], list, list]:
+    def _expand_text(self, texts: list[str], images: list, videos: list, input_data_format=None, num_frames=None) -> tuple[list[str], list, list]:
         """Replace every marker by its ``<image>`` tokens and collect the views in marker order.
 
-        Also returns, per sample, each replacement's character span before and after expansion
-        (``{"span", "new_span"}``), which ``apply_chat_template`` needs to place assistant masks.
+        Also returns, per sample, each replacement's offsets in transformers' layout
+        (``{"type", "span", "new_span", "text", "replacement"}``: character spans before and after
+        expansion), which ``apply_chat_template`` needs to place assistant masks.
         """
         n_image_markers = sum(t.count(self.image_token) for t in texts)
         n_video_markers = sum(t.count(self.video_token) for t in texts)
         if n_image_markers != len(images):
             raise ValueError(
+                f"The number of {self.image_token} tokens in the prompts should be the same as the number of images: "
                 f"the text has {n_image_markers} {self.image_token} marker(s) but {len(images)} image(s) were given; "
                 f"put one {self.image_token} in the text per image (apply_chat_template does this for "
                 f"{{'type': 'image'}} content) or pass as many images as markers"
             )
         if n_video_markers != len(videos):
             raise ValueError(
+                f"The number of {self.video_token} tokens in the prompts should be the same as the number of videos: "
                 f"the text has {n_video_markers} {self.video_token} marker(s) but {len(videos)} video(s) were given; "
                 f"put one {self.video_token} in the text per video or pass as many videos as markers"
             )
@@ -255,13 +262,22 @@ class AstreaProcessor(ProcessorMixin):
                 pieces.append(text[last : match.start()])
                 length += match.start() - last
                 if match.group() == self.image_token:
-                    item_views = self.image_processor.image_views(next(image_iter))
+                    item_views = self.image_processor.image_views(next(image_iter), input_data_format)
+                    replacement = self.replace_image_token({"views": [item_views]}, 0)
                 else:
-                    item_views = self.image_processor.video_views(next(video_iter))
+                    item_views = self.image_processor.video_views(next(video_iter), num_frames, input_data_format)
+                    replacement = self.replace_video_token({"views": [item_views]}, 0)
                 views.extend(item_views)
-                replacement = self.image_token * (len(item_views) * self.num_visual_tokens)
                 pieces.append(replacement)
-                sample_offsets.append({"span": (match.start(), match.end()), "new_span": (length, length + len(replacement))})
+                sample_offsets.append(
+                    {
+                        "type": "image" if match.group() == self.image_token else "video",
+                        "span": (match.start(), match.end()),
+                        "new_span": (length, length + len(replacement)),
+                        "text": match.group(),
+                        "replacement": replacement,
+                    }
+                )
                 length += len(replacement)
                 last = match.end()
             pieces.append(text[last:])
@@ -269,23 +285,36 @@ class AstreaProcessor(ProcessorMixin):
             offsets.append(sample_offsets)
         return expanded, views, offsets
 
-    def __call__(
-        self,
-        images=None,
-        text: str | list[str] | None = None,
-        videos=None,
-        padding: bool | str = True,
-        padding_side: str | None = None,
-        return_tensors: str | None = "pt",
-        max_length: int | None = None,
-        add_special_tokens: bool = True,
-        **kwargs,
-    ) -> BatchFeature:
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        """The ``<image>`` tokens that replace the marker of image ``image_idx``: N per view."""
+        return self.image_token * (len(image_inputs["views"][image_idx]) * self.num_visual_tokens)
+
+    def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs) -> str:
+        """A video's marker becomes N ``<image>`` tokens per sampled frame (frames are views)."""
+        return self.image_token * (len(video_inputs["views"][video_idx]) * self.num_visual_tokens)
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+        """``<image>`` tokens and views per image of the given ``(height, width)`` sizes (vLLM's helper)."""
+        data = {}
+        if image_sizes is not None:
+            views = [self.image_processor.num_views_for_size(height, width) for height, width in image_sizes]
+            data = {"num_image_tokens": [n * self.num_visual_tokens for n in views], "num_image_patches": views}
+        return MultiModalData(**data)
+
+    def __call__(self, images: ImageInput | None = None, text: TextInput | list[TextInput] | None = None, **kwargs) -> BatchFeature:
         """Tokenise ``text`` with expanded image markers and process ``images`` / ``videos``.
 
         Returns ``input_ids``, ``attention_mask`` and one ``pixel_values_<role>`` per expert (when
-        images or videos are given). Padding is on the left by default (generation); pass
-        ``padding_side="right"`` for training collators that want it.
+        images or videos are given). Keyword arguments follow transformers' ``ProcessingKwargs``:
+        text ones (``padding``, ``truncation``, ``max_length``, ``padding_side``, ...) go to the
+        tokenizer, image ones (``do_rescale``, ``image_mean``, ``size``, ...) to the image processor,
+        flat or as ``text_kwargs={...}`` / ``images_kwargs={...}``; a key given both ways raises.
+        Defaults: ``padding=True`` (to the longest; on the left, the tokenizer's side, for
+        generation -- pass ``padding_side="right"`` for training collators) and ``return_tensors="pt"``.
+
+        ``videos=`` (keyword): lists of frames, one ``<video>`` marker each; the frames are image views
+        of the image processor (``num_frames`` of them, or ``videos_kwargs={"num_frames": n}``), not
+        transformers' video modality -- there is no video processor, so it is not a named argument.
         """
         if text is None:
             raise ValueError("AstreaProcessor needs `text`; put one <image> marker per image in it")
@@ -294,24 +323,27 @@ class AstreaProcessor(ProcessorMixin):
             raise TypeError(f"`text` must be a string or a list of strings, got {type(text).__name__}")
         if not texts:
             raise ValueError("`text` is an empty list; pass at least one string")
+        videos = kwargs.pop("videos", None)
+        kwargs.pop("audio", None)  # apply_chat_template passes audio=None; Astrea reads no audio
+        merged = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
+        return_tensors = text_kwargs.pop("return_tensors", None)
+        images_kwargs.pop("return_tensors", None)
+        input_data_format = images_kwargs.pop("input_data_format", None)
         image_list, video_list = flatten_images(images), flatten_videos(videos)
-        expanded, views, offsets = self._expand_text(texts, image_list, video_list)
-
-        passed = ("return_attention_mask", "return_token_type_ids", "return_offsets_mapping")
-        tokenizer_kwargs = {k: v for k, v in kwargs.items() if k in passed and v is not None}
-        encoding = self.tokenizer(
-            expanded,
-            padding=padding,
-            padding_side=padding_side,
-            add_special_tokens=add_special_tokens,
-            return_tensors=None,
-            **tokenizer_kwargs,
+        expanded, views, offsets = self._expand_text(
+            texts, image_list, video_list, input_data_format=input_data_format, num_frames=merged["videos_kwargs"].get("num_frames")
         )
+
+        return_offsets = text_kwargs.pop("return_text_replacement_offsets", None) or merged.get("return_text_replacement_offsets")
+        return_mm_token_type_ids = text_kwargs.pop("return_mm_token_type_ids", None) or merged.get("return_mm_token_type_ids")
+        encoding = self.tokenizer(expanded, return_tensors=None, **text_kwargs)
         lengths = [sum(mask) for mask in encoding["attention_mask"]] if "attention_mask" in encoding else [len(i) for i in encoding["input_ids"]]
         empty = [index for index, length in enumerate(lengths) if length == 0]
         if empty:
             raise ValueError(f"text sample(s) {empty} are empty (no tokens); give every sample some text or an <image> marker")
-        limit = max_length or getattr(self.tokenizer, "model_max_length", None)
+        self._check_image_tokens(expanded, encoding["input_ids"])
+        limit = text_kwargs.get("max_length") or getattr(self.tokenizer, "model_max_length", None)
         if limit is not None and limit < 10**9:
             longest = max(len(ids) for ids in encoding["input_ids"])
             if longest > limit:
@@ -320,13 +352,25 @@ class AstreaProcessor(ProcessorMixin):
                     f"but the model context is {limit}; shorten the text or pass fewer images / frames"
                 )
         data = dict(encoding)
-        if kwargs.get("return_text_replacement_offsets"):
+        if return_offsets:
             data["text_replacement_offsets"] = offsets
+        if return_mm_token_type_ids:
+            data["mm_token_type_ids"] = self.create_mm_token_type_ids(data["input_ids"])
         if views:
             skipped = getattr(self, "_skipped_pixel_roles", frozenset())
             roles = [role for role in self.image_processor.experts if role not in skipped] if skipped else None
-            data.update(self.image_processor.pixels_for_views(views, return_tensors=None, roles=roles))
+            data.update(self.image_processor.pixels_for_views(views, return_tensors=None, roles=roles, **images_kwargs))
         return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=["text_replacement_offsets"])
+
+    def _check_image_tokens(self, texts: list[str], input_ids: list[list[int]]) -> None:
+        """Every expanded ``<image>`` must survive tokenisation: truncation that cuts into an image is an error."""
+        for index, (sample, ids) in enumerate(zip(texts, input_ids)):
+            expected, found = sample.count(self.image_token), sum(1 for i in ids if i == self.image_token_id)
+            if found != expected:
+                raise ValueError(
+                    f"sample {index} holds {expected} <image> tokens after expansion but {found} after tokenisation: "
+                    f"truncation (max_length) cut into its image(s); raise max_length or shorten the text"
+                )
 
     def apply_chat_template(self, conversation, *args, **kwargs):
         """``ProcessorMixin.apply_chat_template`` after checking roles and content types (see :func:`check_conversation`).

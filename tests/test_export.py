@@ -546,6 +546,47 @@ def test_remote_processor_and_pipeline_match_in_process(hub, remote):
     assert report["pipeline_answer"] == answer[0]["generated_text"][-1]["content"]
 
 
+_TOKENIZER_CHILD = r'''
+import contextlib, io, logging, sys
+from transformers import AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+folder = sys.argv[1]
+for trust in (True, None):
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)  # transformers' warnings go to its own logger
+    hf_logging.get_logger().addHandler(handler)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
+    hf_logging.get_logger().removeHandler(handler)
+    print(repr((trust, type(tokenizer).__name__, tokenizer("<image> hi")["input_ids"], out.getvalue())))
+'''
+
+
+@pytest.mark.skipif(not HAS_PROCESSOR, reason="processing/processing_astrea.py not written yet")
+def test_autotokenizer_needs_trust_remote_code_as_the_readme_says(hub):
+    """transformers 5.23's AutoTokenizer loads the folder's config first; its model type is remote code.
+
+    With ``trust_remote_code=True`` (what the README and the model card say) the tokenizer loads
+    without a prompt or a warning. Without it, transformers asks "run custom code? [y/N]" (answered
+    no here: stdin is closed) and warns about the config -- pinned, so that the docs are revisited if
+    a later transformers stops reading the config.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(hub["root"] / "hf_modules_tokenizer"))
+    proc = subprocess.run(
+        [sys.executable, "-c", _TOKENIZER_CHILD, str(hub["folder"])],
+        cwd=hub["root"], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trusted, untrusted = (ast.literal_eval(line) for line in proc.stdout.strip().splitlines()[-2:])
+    expected = hub["processor"].tokenizer("<image> hi")["input_ids"]
+    assert trusted[1] == type(hub["processor"].tokenizer).__name__ and trusted[2] == expected
+    assert "custom code" not in trusted[3] and "model of type" not in trusted[3]
+    assert untrusted[2] == expected
+    assert "run the custom code" in untrusted[3] and "model of type `astrea`" in untrusted[3]
+
+
 def test_missing_optional_package_fails_only_for_the_towers_that_need_it(hub, tmp_path):
     tester = _no_timm_tester()
     model = tester.model()

@@ -64,3 +64,9 @@ def tester():
 @pytest.fixture(scope="module")
 def tiny_model():
     return AstreaModelTester().model()
+
+
+def pytest_configure(config):
+    # Marks used by transformers' common test mixins (tests/transformers_common.py loads them).
+    for mark in ("torch_compile_test", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test", "accelerate_tests"):
+        config.addinivalue_line("markers", f"{mark}: a transformers common-test mark")

@@ -46,8 +46,11 @@ class StepClock(LogitsProcessor):
         return scores
 
 
-def generate_fn(model, inputs: dict, new_tokens: int, record: dict[str, common.Timings], name: str):
-    """One greedy generate of ``new_tokens``; adds its prefill and decode-step times to ``record``."""
+def generate_fn(model, inputs: dict, new_tokens: int, record: dict[str, common.Timings], name: str, **generate_kwargs):
+    """One greedy generate of ``new_tokens``; adds its prefill and decode-step times to ``record``.
+
+    ``generate_kwargs`` go to ``generate`` (e.g. ``cache_implementation``, ``compile_config``).
+    """
 
     @torch.inference_mode()
     def run():
@@ -60,6 +63,7 @@ def generate_fn(model, inputs: dict, new_tokens: int, record: dict[str, common.T
             do_sample=False,
             use_cache=True,
             logits_processor=LogitsProcessorList([clock]),
+            **generate_kwargs,
         )
         stamps = [start, *clock.stamps]
         for index, kind in enumerate(("wall", "cpu")):

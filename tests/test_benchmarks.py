@@ -57,3 +57,13 @@ def test_memory_benchmark_child_reports_a_peak():
                                  "--cases", "generate.astrea,train.astrea-cached"])
     for row in results.values():
         assert row["peak"] >= row["before"] > 0
+
+
+def test_compile_benchmark_compiles_static_cache_decoding_to_one_graph():
+    from benchmarks import bench_compile
+
+    # The eager backend traces with dynamo as inductor does (fullgraph=True raises on a graph break).
+    results = bench_compile.main([*SMOKE, "--new-tokens", "3", "--backend", "eager"])
+    assert results["astrea.graphs"] == 1 and results["astrea.graph_breaks"] == 0
+    assert results["llava.graphs"] == 1 and results["llava.graph_breaks"] == 0
+    assert results["astrea.compiled/eager_median"] > 0 and results["llava.compiled/eager_median"] > 0

@@ -67,3 +67,12 @@ def test_compile_benchmark_compiles_static_cache_decoding_to_one_graph():
     assert results["astrea.graphs"] == 1 and results["astrea.graph_breaks"] == 0
     assert results["llava.graphs"] == 1 and results["llava.graph_breaks"] == 0
     assert results["astrea.compiled/eager_median"] > 0 and results["llava.compiled/eager_median"] > 0
+
+
+def test_routing_benchmark_counts_more_fusion_work_per_token():
+    from benchmarks import bench_routing
+
+    results = bench_routing.main([*SMOKE, "--batch-size", "1"])
+    # per token, the router reads every token and an adapter runs wherever one token keeps it
+    assert results["fusion_gflop_per_sample.token"] > results["fusion_gflop_per_sample.image"] > 0
+    assert results["train_step_token_over_image"] > 0 and results["prefill_token_over_image"] > 0

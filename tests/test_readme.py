@@ -43,6 +43,11 @@ def test_readme_commands_are_the_ci_commands():
     ci = (README.parent / ".ci" / "run").read_text()
     test_command = 'pip install -e ".[dev]" -c constraints.txt && python -m pytest -q'
     assert test_command in text and test_command in ci
+    # CI reaches the package registry, so transformers' common mixins must run there: a fetch failure
+    # is an error, not the skip that an offline clone gets (tests/transformers_common.py).
+    required = "export ASTREA_REQUIRE_TRANSFORMERS_TESTS=1"
+    assert required in ci and ci.index(required) < ci.index(test_command)
+    assert "ASTREA_REQUIRE_TRANSFORMERS_TESTS=1" in text
     assert 'pip install -e ".[demo]" -c constraints.txt && astrea demo' in text
     assert (README.parent / "constraints.txt").is_file()
 

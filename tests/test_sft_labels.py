@@ -12,11 +12,13 @@ from __future__ import annotations
 import datasets
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
-from astrea_vlm.train.run import load_model_and_processor, run_stage
-from astrea_vlm.train.schedule import load_recipe
+from astrea_vlm.train.recipe import load_recipe
+from astrea_vlm.train.run import load_model_and_processor
+from astrea_vlm.train.stages import run_stage
 from astrea_vlm.train.trainer import AstreaSFTTrainer
 
 CHAT = [
@@ -85,3 +87,31 @@ def test_run_stage_trains_on_the_assistant_answers_only(tmp_path, monkeypatch, c
             start += len(answer)
         assert labels == expected, [(processor.decode([i]), label != -100) for i, label in zip(ids, labels)]
         assert processor.decode([i for i, label in zip(ids, labels) if label != -100]) == " red</s> no</s>"
+
+
+def test_image_tokens_never_carry_loss_even_when_the_prompt_does(tmp_path, monkeypatch):
+    # With assistant_only_loss=False TRL labels the whole prompt; AstreaSFTTrainer still masks the
+    # <image> positions (their "targets" are placeholders, not text) before TRL's loss reads them.
+    from trl import SFTConfig, SFTTrainer
+
+    recipe = _recipe(tmp_path, cache=False)
+    model, processor = load_model_and_processor(recipe)
+    args = SFTConfig(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=2, bf16=False,
+                     activation_checkpointing=False, report_to=[], assistant_only_loss=False, save_strategy="no",
+                     max_length=None, use_cpu=True, disable_tqdm=True)
+    trainer = AstreaSFTTrainer(model=model, args=args, train_dataset=_dataset(), processing_class=processor, use_moco=False)
+    seen = []
+    base_loss = SFTTrainer.compute_loss
+
+    def record(self, model, inputs, *args, **kwargs):
+        seen.append({k: inputs[k].clone() for k in ("input_ids", "labels", "attention_mask")})
+        return base_loss(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "compute_loss", record)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    trainer.compute_loss(model, dict(batch))
+    ids, labels, attention = seen[0]["input_ids"], seen[0]["labels"], seen[0]["attention_mask"]
+    image = ids == processor.image_token_id
+    assert int(image.sum()) == 2 * model.config.num_visual_tokens
+    expected = ids.masked_fill(image | (attention == 0), -100)
+    assert torch.equal(labels, expected)

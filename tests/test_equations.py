@@ -211,7 +211,7 @@ def _bilinear_taps(size_in: int, size_out: int) -> list[tuple[int, int, float]]:
     return taps
 
 
-@pytest.mark.parametrize("grid, side", [((4, 4), 2), ((6, 6), 4), ((4, 6), 2), ((2, 2), 4), ((2, 3), 3)])
+@pytest.mark.parametrize("grid, side", [((4, 4), 2), ((6, 6), 4), ((4, 6), 2), ((2, 2), 4), ((2, 3), 3), ((2, 4), 3)])
 def test_resampling_to_the_shared_grid_by_hand(grid, side):
     h, w = grid
     tokens = torch.randn(2, h * w, 3, generator=torch.Generator().manual_seed(h * 10 + w))

@@ -61,7 +61,13 @@ class ExpertImageSpec:
 
     @classmethod
     def from_expert_config(cls, expert) -> "ExpertImageSpec":
-        return cls(size=expert.image_size, image_mean=list(expert.image_mean), image_std=list(expert.image_std))
+        return cls(size=expert.image_size, image_mean=list(expert.image_mean), image_std=list(expert.image_std),
+                   resample=_KIND_RESAMPLE.get(expert.kind, "bicubic"))
+
+
+# The filter each released tower was trained with: SigLIP's processor resizes bicubic; Grounding-DINO's
+# and SAM 2's processors and RAM++'s transform (torchvision's Resize default) resize bilinear.
+_KIND_RESAMPLE = {"siglip": "bicubic", "ram_plus": "bilinear", "grounding_dino": "bilinear", "sam2": "bilinear"}
 
 
 # ---------------------------------------------------------------------------------- inputs

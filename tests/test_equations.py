@@ -16,7 +16,8 @@ compared with what the code returns:
 * eq. 5-8, momentum contrast: the query/key embeddings, the row/column loss with its weighting and
   temperature, the FIFO queue, the momentum update of every parameter;
 * eq. 11 through the trainer: ``L_total = L_reg + mu * L_moco`` with ``L_reg`` on the answer tokens
-  only, recomputed from the model's logits.
+  only, recomputed from the model's logits;
+* the preprocessing each expert receives (side, mean, std, filter) against the released towers' own.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 
 from astrea_vlm.configuration import get_preset
 from astrea_vlm.modeling import AstreaForConditionalGeneration, ExpertProjector, ResidualBridge, resample_tokens
+from astrea_vlm.processing import AstreaImageProcessor
 from astrea_vlm.train.moco import MomentumContrast, _random_half_mean
 
 ATOL = 1e-5
@@ -494,3 +496,33 @@ def test_trainer_loss_is_l_reg_on_answer_tokens_plus_mu_l_moco(tmp_path, balance
     assert float(loss) == pytest.approx(expected, rel=1e-5)
     # ...and the keys were enqueued after the loss read the queue.
     torch.testing.assert_close(trainer.moco.queue[:2], seen["k"])
+
+
+# ------------------------------------------------------------- preprocessing of the released towers
+# Written out from each checkpoint's own preprocessing, not from astrea's constants:
+# google/siglip-so400m-patch14-384 (preprocessor_config.json): 384x384, resample 3 (bicubic), mean = std = 0.5;
+# RAM++ (recognize-anything's get_transform): Resize((384, 384)) (torchvision's bilinear default), ImageNet mean/std;
+# IDEA-Research/grounding-dino-base (preprocessor_config.json): shortest edge 800, resample 2 (bilinear), ImageNet mean/std;
+# facebook/sam2.1-hiera-large (SAM2Transforms / Sam2ImageProcessor): 1024x1024, bilinear, ImageNet mean/std.
+_IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+PUBLISHED = {
+    "caption": {"kind": "siglip", "size": 384, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": "bicubic"},
+    "classification": {"kind": "ram_plus", "size": 384, "image_mean": _IMAGENET[0], "image_std": _IMAGENET[1], "resample": "bilinear"},
+    "detection": {"kind": "grounding_dino", "size": 800, "image_mean": _IMAGENET[0], "image_std": _IMAGENET[1], "resample": "bilinear"},
+    "segmentation": {"kind": "sam2", "size": 1024, "image_mean": _IMAGENET[0], "image_std": _IMAGENET[1], "resample": "bilinear"},
+}
+
+
+@pytest.mark.parametrize("preset", ["astrea-13b", "astrea-34b", "tiny"])
+def test_each_expert_gets_its_released_towers_preprocessing(preset):
+    config = get_preset(preset)
+    processor = AstreaImageProcessor.from_model_config(config)
+    assert list(processor.experts) == list(config.expert_order)
+    for role, spec in processor.experts.items():
+        published = PUBLISHED[role]
+        assert config.expert_configs[role].kind == published["kind"], role
+        assert spec["image_mean"] == pytest.approx(published["image_mean"], abs=0), role
+        assert spec["image_std"] == pytest.approx(published["image_std"], abs=0), role
+        assert spec["resample"] == published["resample"], role
+        if preset != "tiny":  # the tiny towers are built for 32-pixel inputs
+            assert spec["size"] == published["size"], role

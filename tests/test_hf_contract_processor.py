@@ -36,7 +36,7 @@ def _image(seed=0, size=(40, 30)):
 
 def _by_hand(image, spec, rescale=None, normalize=True, mean=None, std=None):
     """What the image processor must produce for one expert, in float32 numpy."""
-    pixels = np.asarray(image.resize((spec["size"],) * 2, Image.BICUBIC), dtype=np.float32)
+    pixels = np.asarray(image.resize((spec["size"],) * 2, {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[spec["resample"]]), dtype=np.float32)
     pixels = pixels / 255.0 if rescale is None else pixels * np.float32(rescale)
     if normalize:
         pixels = (pixels - np.asarray(mean or spec["image_mean"], dtype=np.float32)) / np.asarray(std or spec["image_std"], dtype=np.float32)

@@ -16,14 +16,15 @@ def _demo(args: argparse.Namespace) -> int:
     from astrea_vlm.demo import DemoSettings, run_demo
 
     extra = {} if args.warmup_steps is None else {"warmup_steps": args.warmup_steps}
-    run_demo(DemoSettings(recipe=args.recipe, output=args.output, seed=args.seed, test_size=args.test_size, **extra))
+    run_demo(DemoSettings(recipe=args.recipe, output=args.output, seed=args.seed, test_size=args.test_size,
+                          threads=args.threads, **extra))
     return 0
 
 
 def _pretrain_llm(args: argparse.Namespace) -> int:
     from astrea_vlm.train.pretrain_llm import PretrainSettings, pretrain_world_llm
 
-    fields = {k: getattr(args, k) for k in ("scenes", "steps", "seed") if getattr(args, k) is not None}
+    fields = {k: getattr(args, k) for k in ("scenes", "steps", "seed", "threads") if getattr(args, k) is not None}
     summary = pretrain_world_llm(PretrainSettings(**fields), output=args.output)
     print(f"astrea pretrain-llm: wrote {args.output} in {summary['seconds']:.0f} s")
     return 0
@@ -223,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--test-size", type=int, default=128, help="test (and validation) scenes, 7 questions each")
     demo.add_argument("--warmup-steps", type=int, help="tower warm-up steps for every expert, 0 for random towers "
                       "(default: caption and segmentation 1200, classification and detection 300)")
+    demo.add_argument("--threads", type=int, default=2, help="torch threads; the same seed and threads give the same "
+                      "tables on the same machine")
     demo.set_defaults(func=_demo)
 
     pretrain = command("pretrain-llm", "pretrain the demo's toy LLM on the synthetic world's language (see "
@@ -232,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--scenes", type=int, help="pretraining scenes (default: 8000, PretrainSettings.scenes)")
     pretrain.add_argument("--steps", type=int, help="optimizer steps (default: 12000, PretrainSettings.steps)")
     pretrain.add_argument("--seed", type=int, help="scene and init seed (default: 1000, PretrainSettings.seed)")
+    pretrain.add_argument("--threads", type=int, help="torch threads; the same settings give the same weights on the same "
+                          "machine (default: 1, PretrainSettings.threads)")
     pretrain.set_defaults(func=_pretrain_llm)
 
     ablate = command("ablate", "rerun the demo pipeline with the paper's ablation variants (Tables 3, 4, 6)")

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from .eval.runner import DEFAULT_BATCH_SIZE
+from .train.reproducibility import DEFAULT_THREADS
 
 
 #: The paper's Fig. 2 reading for the demo's question types: the experts it expects to lead
@@ -67,6 +68,7 @@ class DemoSettings:
     recipe_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # Recipe fields, e.g. {"order": [...]}
     skip_untrained_eval: bool = False
     roundtrip: bool = True
+    threads: int = DEFAULT_THREADS  # torch threads: fixed, so that the same seed gives the same tables
 
 
 def _log_section(log, title: str) -> None:
@@ -230,7 +232,20 @@ def _check_demo_packages() -> None:
 
 
 def run_demo(settings: DemoSettings | None = None, log=print) -> dict:
-    """Run the demo pipeline (see the module docstring); returns the summary written to ``summary.json``."""
+    """Run the demo pipeline (see the module docstring); returns the summary written to ``summary.json``.
+
+    The same settings give the same tables on the same machine: ``settings.threads`` torch threads,
+    every generator seeded from ``settings.seed``, deterministic algorithms (:mod:`astrea_vlm.train.reproducibility`).
+    """
+    from .train.reproducibility import reproducible
+
+    settings = settings or DemoSettings()
+    _check_demo_packages()
+    with reproducible(settings.seed, settings.threads):
+        return _run_demo(settings, log)
+
+
+def _run_demo(settings: DemoSettings, log) -> dict:
     from .eval.compare import comparison_markdown, paired_bootstrap
     from .eval.report import plot_training_curves, write_router_report
     from .eval.runner import run_eval
@@ -241,8 +256,6 @@ def run_demo(settings: DemoSettings | None = None, log=print) -> dict:
     from .train.data import synthetic_scenes
     from .train.synthetic import make_split
 
-    settings = settings or DemoSettings()
-    _check_demo_packages()
     start = time.perf_counter()
     output = Path(settings.output)
     output.mkdir(parents=True, exist_ok=True)

@@ -74,6 +74,17 @@ def test_encode_row_labels_only_the_answer(scenes, processor):
         assert all(t == -100 for t in row.labels[:first]) and row.labels[first:] == row.input_ids[first:]
 
 
+def test_pretraining_twice_gives_the_same_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    settings = pl.PretrainSettings(scenes=24, steps=4, batch_size=8, validation_scenes=8, vocab_size=400, log_every=3, eval_every=0)
+    for run in ("a", "b"):
+        pl.pretrain_world_llm(settings, output=tmp_path / run, log=lambda *_: None)
+    a, b = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "a" / "pretrain.json").read_text())["settings"]["threads"] == 1
+
+
 def test_pretraining_lowers_the_loss_and_loads_into_astrea(tmp_path):
     from safetensors.torch import load_file
     from transformers import LlamaForCausalLM
@@ -158,5 +169,6 @@ def test_cli_pretrain_llm_passes_its_flags(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(pl, "pretrain_world_llm", lambda settings, output: seen.append((settings, output)) or {"seconds": 1.0})
     assert main(["pretrain-llm", "--output", str(tmp_path), "--scenes", "10", "--steps", "3"]) == 0
     settings, output = seen[0]
-    assert (settings.scenes, settings.steps, settings.seed, output) == (10, 3, pl.PRETRAIN_SEED, str(tmp_path))
+    assert (settings.scenes, settings.steps, settings.seed, settings.threads, output) == (10, 3, pl.PRETRAIN_SEED, 1, str(tmp_path))
+    assert main(["pretrain-llm", "--output", str(tmp_path), "--threads", "2"]) == 0 and seen[1][0].threads == 2
     assert "astrea pretrain-llm: wrote" in capsys.readouterr().out

@@ -63,6 +63,8 @@ def test_demo_command_line_reaches_run_demo_with_its_settings(monkeypatch):
     assert seen[0].output == "somewhere" and seen[0].seed == 2 and seen[0].recipe == "demo"
     assert seen[0].warmup_steps == demo.DemoSettings().warmup_steps
     assert main(["demo", "--warmup-steps", "0"]) == 0 and seen[1].warmup_steps == 0
+    assert seen[0].threads == demo.DemoSettings().threads  # a fixed thread count: the same seed gives the same tables
+    assert main(["demo", "--threads", "1"]) == 0 and seen[2].threads == 1
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):

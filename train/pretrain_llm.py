@@ -81,6 +81,7 @@ class PretrainSettings:
     seed: int = PRETRAIN_SEED
     validation_scenes: int = 256
     log_every: int = 500
+    threads: int = 1              # torch threads, fixed so that a rerun gives the same weights (train/reproducibility.py)
 
 
 # ----------------------------------------------------------------------------- symbolic scenes
@@ -322,15 +323,22 @@ def _scenes(split: str, n: int, settings: PretrainSettings, log=print):
 
 def pretrain_world_llm(settings: PretrainSettings | None = None, output: str | Path = SHIPPED, log=print) -> dict[str, Any]:
     """Pretrain the world LLM and write ``model.safetensors``, ``tokenizer.json`` (+ its config files)
-    and ``pretrain.json`` (settings, loss curve, symbolic-scene accuracy per type) to ``output``."""
+    and ``pretrain.json`` (settings, loss curve, symbolic-scene accuracy per type) to ``output``.
+    The same settings give the same files on the same machine (fixed threads, seeded, deterministic)."""
+    from .reproducibility import reproducible
+
+    settings = settings or PretrainSettings()
+    with reproducible(settings.seed, settings.threads):
+        return _pretrain(settings, Path(output), log)
+
+
+def _pretrain(settings: PretrainSettings, output: Path, log) -> dict[str, Any]:
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup
 
     from ..processing import build_processor
     from .run import preset_config
 
-    settings = settings or PretrainSettings()
-    torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     train_scenes = _scenes("pretrain", settings.scenes, settings, log)
     config = preset_config("tiny", {"text_config": {"vocab_size": settings.vocab_size}})
@@ -378,7 +386,6 @@ def pretrain_world_llm(settings: PretrainSettings | None = None, output: str | P
     accuracy = evaluate_symbolic(model, held_out, processor, image_id)
     log("symbolic-scene accuracy (held out): " + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
 
-    output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(output / "model.safetensors"),
               metadata={"format": "pt"})

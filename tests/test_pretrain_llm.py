@@ -74,6 +74,26 @@ def test_encode_row_labels_only_the_answer(scenes, processor):
         assert all(t == -100 for t in row.labels[:first]) and row.labels[first:] == row.input_ids[first:]
 
 
+def test_row_loss_is_the_mean_over_rows_of_each_rows_answer_loss(scenes, processor):
+    """The LM head runs on the labelled positions only; the loss is the one of the full logits."""
+    import torch.nn.functional as F
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(pl.world_text_config(1024))
+    corpus = pl.WorldCorpus(scenes[:6], processor, with_stages=False, image_position="after")
+    batch = pl.embed_rows(model, corpus, corpus.qa, processor.image_token_id)
+    loss = pl.row_loss(model, batch)
+    logits = model(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    per_row = [F.cross_entropy(logits[i][labels[i] != -100], labels[i][labels[i] != -100]) for i in range(len(labels))]
+    torch.testing.assert_close(loss, torch.stack(per_row).mean(), rtol=1e-5, atol=1e-6)
+    grad, = torch.autograd.grad(loss, model.lm_head.weight)
+    expected, = torch.autograd.grad(torch.stack(per_row).mean(), model.lm_head.weight)
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-7)
+
+
 def test_pretraining_twice_gives_the_same_weights(tmp_path):
     from safetensors.torch import load_file
 

@@ -35,11 +35,27 @@ def test_core_dependencies_are_ranges_not_pins():
 
 
 def test_problems_name_a_drifted_pin_and_a_missing_package(tmp_path, monkeypatch):
+    """In the file this environment is checked against (constraints-lmms.txt where lmms-eval is installed)."""
     tool = _constraints_tool()
-    text = tool.CONSTRAINTS.read_text()
-    drifted = text.replace("\ntorch==", "\ntorch==0.0.1+").replace("\naccelerate==", "\n# accelerate==")
-    monkeypatch.setattr(tool, "CONSTRAINTS", tmp_path / "constraints.txt")
-    tool.CONSTRAINTS.write_text(drifted)
+    attribute = "LMMS_CONSTRAINTS" if tool.lmms_environment() else "CONSTRAINTS"
+    path = getattr(tool, attribute)
+    drifted = path.read_text().replace("\ntorch==", "\ntorch==0.0.1+").replace("\naccelerate==", "\n# accelerate==")
+    monkeypatch.setattr(tool, attribute, tmp_path / path.name)
+    (tmp_path / path.name).write_text(drifted)
     found = "\n".join(tool.problems())
-    assert "lower bound must be the tested version" in found and "torch" in found
-    assert "accelerate (installed" in found and "not pinned" in found
+    assert "lower bound must be the tested version 0.0.1+" in found and "torch" in found
+    assert f"{path.name}: accelerate (installed" in found and "not pinned" in found
+
+
+def test_the_lmms_extra_has_its_own_tested_set_with_filelock_3():
+    """lmms-eval 0.7.3 patches filelock._api (gone in filelock 4): the [lmms] extra bounds filelock
+    below 4 and its pins live in constraints-lmms.txt; constraints.txt (filelock 4) cannot satisfy it."""
+    from packaging.utils import canonicalize_name
+
+    tool = _constraints_tool()
+    lmms = {canonicalize_name(r.name): r for r in tool.direct_requirements(("lmms",))}
+    main, pins = tool.read_pins(tool.CONSTRAINTS), tool.read_pins(tool.LMMS_CONSTRAINTS)
+    assert all(r.specifier.contains(pins[name]) for name, r in lmms.items())
+    assert not lmms["filelock"].specifier.contains(main["filelock"])
+    assert "lmms-eval" not in main and pins["lmms-eval"] == "0.7.3"
+    assert "lmms-eval" not in {canonicalize_name(r.name) for r in tool.direct_requirements(tool.extras_of(False))}

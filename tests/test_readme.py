@@ -127,6 +127,26 @@ def _check_astrea(argv: list[str], tmp_path: Path) -> None:
         assert (tmp_path / argv[argv.index("--output") + 1] / "config.json").is_file()
 
 
+def _check_pip(argv: list[str], extras: set[str]) -> None:
+    """``pip install -e ".[extra]" -c FILE``: FILE is that extra's constraints file and its pins
+    satisfy every requirement of the extra (else pip refuses, or the pins do not hold what was tested)."""
+    import importlib.util
+
+    from packaging.utils import canonicalize_name
+
+    spec = importlib.util.spec_from_file_location("ci_constraints", README.parent / ".ci" / "constraints.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    extra = re.fullmatch(r"\.\[(\w+)\]", argv[2]) if len(argv) == 5 else None
+    assert argv[:2] == ["install", "-e"] and argv[3] == "-c" and extra and extra.group(1) in extras, argv
+    lmms = extra.group(1) == tool.LMMS_EXTRA
+    path = tool.LMMS_CONSTRAINTS if lmms else tool.CONSTRAINTS
+    assert argv[4] == path.name, f"{argv}: the [{extra.group(1)}] extra's tested set is {path.name}"
+    pins = tool.read_pins(path)
+    for req in tool.direct_requirements((extra.group(1),)):
+        assert req.specifier.contains(pins[canonicalize_name(req.name)], prereleases=True), (argv, str(req))
+
+
 def test_readme_shell_blocks_run(tmp_path):
     try:
         import tomllib
@@ -143,10 +163,7 @@ def test_readme_shell_blocks_run(tmp_path):
         if name == "astrea":
             _check_astrea(argv, tmp_path)
         elif name == "pip":
-            assert argv[:2] == ["install", "-e"] and argv[3:] == ["-c", "constraints.txt"], argv
-            extra = re.fullmatch(r"\.\[(\w+)\]", argv[2])
-            assert extra and extra.group(1) in extras, argv
-            assert (README.parent / "constraints.txt").is_file()
+            _check_pip(argv, extras)
         elif name == "python":
             assert argv == ["-m", "pytest", "-q"], argv
         elif name == "accelerate":

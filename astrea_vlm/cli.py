@@ -51,15 +51,36 @@ def _align(args: argparse.Namespace) -> int:
     from astrea_vlm.train.run import run_align
     from astrea_vlm.train.recipe import load_recipe
 
-    run_align(load_recipe(args.recipe), args.output, resume=args.resume)
+    run_align(_with_distributed(load_recipe(args.recipe), args), args.output, resume=args.resume)
+    _end_distributed()
     return 0
+
+
+def _end_distributed() -> None:
+    """Under torchrun: every rank leaves the process group together (a rank exiting while its peer
+    still holds gloo connections can take the peer down)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _with_distributed(recipe, args: argparse.Namespace):
+    """``--fsdp`` overrides the recipe's ``distributed`` key."""
+    if getattr(args, "fsdp", False):
+        import dataclasses
+
+        return dataclasses.replace(recipe, distributed="fsdp")
+    return recipe
 
 
 def _instruct(args: argparse.Namespace) -> int:
     from astrea_vlm.train.run import run_instruct
     from astrea_vlm.train.recipe import load_recipe
 
-    run_instruct(load_recipe(args.recipe), args.output, resume=args.resume, init_from=args.init_from)
+    run_instruct(_with_distributed(load_recipe(args.recipe), args), args.output, resume=args.resume, init_from=args.init_from)
+    _end_distributed()
     return 0
 
 
@@ -265,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--recipe", required=True, help="recipe YAML, or a shipped recipe name (tiny, astrea-13b)")
     align.add_argument("--output", help="output folder (default: the recipe's output_dir)")
     align.add_argument("--resume", action="store_true", help="skip finished stages and resume the current one from its last checkpoint")
+    align.add_argument("--fsdp", action="store_true", help="shard the model over the processes of a torchrun launch "
+                       "(FSDP2; the recipe's `distributed: fsdp`); default: the recipe's setting")
     align.set_defaults(func=_align)
 
     instruct = command("instruct", "instruction tuning with MoE fusion and momentum contrast")
@@ -272,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     instruct.add_argument("--output", help="output folder (default: the recipe's output_dir)")
     instruct.add_argument("--init-from", help="aligned folder to start from (default: <output>/aligned; aligned first if missing)")
     instruct.add_argument("--resume", action="store_true", help="resume from the last checkpoint")
+    instruct.add_argument("--fsdp", action="store_true", help="shard the model over the processes of a torchrun launch "
+                          "(FSDP2; the recipe's `distributed: fsdp`); default: the recipe's setting")
     instruct.set_defaults(func=_instruct)
 
     evaluate = command("eval", "evaluate a model folder on a local dataset (batched greedy generation)")

@@ -4,6 +4,8 @@
 and ``python -m astrea_vlm.train.distributed_check --per-device-batch 4`` see the same global batch of
 4 and must give the same ``L_reg`` per step (within floating-point and MoCo-negative differences:
 with two processes each rank's in-batch negatives are its own half-batch before the queue).
+With ``--fsdp`` (under ``torchrun --nproc_per_node 2``) the model is sharded with FSDP2
+(:mod:`astrea_vlm.train.sharding`); it records whether every parameter was a ``DTensor`` at every step.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import numpy as np
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
+from transformers import TrainerCallback
 
 
 def textured_colour_dataset(n: int = 32, size: int = 32, seed: int = 0):
@@ -39,6 +42,18 @@ def textured_colour_dataset(n: int = 32, size: int = 32, seed: int = 0):
     return datasets.Dataset.from_list(rows)
 
 
+class _ShardedSteps(TrainerCallback):
+    """Per optimizer step: were all of the model's parameters FSDP2 shards (``DTensor``)?"""
+
+    def __init__(self):
+        self.steps: list[bool] = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        from torch.distributed.tensor import DTensor
+
+        self.steps.append(all(isinstance(p, DTensor) for p in model.parameters()))
+
+
 @record  # under torchrun, a worker's exception and traceback go into the launcher's failure summary
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
@@ -47,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True)
     parser.add_argument("--workdir", default="/tmp/astrea_distributed_check")
     parser.add_argument("--fail-on-rank", type=int, default=None, help="raise on this rank (tests the failure report)")
+    parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (launch with torchrun)")
     args = parser.parse_args(argv)
     if args.fail_on_rank is not None and int(os.environ.get("RANK", "0")) == args.fail_on_rank:
         raise RuntimeError(f"distributed_check: deliberate failure on rank {args.fail_on_rank}")
@@ -64,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     model = AstreaForConditionalGeneration(config)
     processor = build_processor(config)
     configure_stage(model, ["router", "adapters", "moco_head", "llm"], list(config.expert_order))
+    if args.fsdp:
+        from .sharding import shard_model
+
+        model = shard_model(model)
     sft_args = SFTConfig(
         output_dir=args.workdir, max_steps=args.steps, per_device_train_batch_size=args.per_device_batch,
         learning_rate=1e-3, bf16=False, activation_checkpointing=False, logging_steps=1, report_to=[],
@@ -71,11 +91,17 @@ def main(argv: list[str] | None = None) -> int:
         disable_tqdm=True, ddp_find_unused_parameters=True,
     )
     trainer = AstreaSFTTrainer(model=model, args=sft_args, train_dataset=textured_colour_dataset(), processing_class=processor)
+    sharded_steps = _ShardedSteps()
+    trainer.add_callback(sharded_steps)
     trainer.train()
     if trainer.is_world_process_zero():
         losses = [h["loss_reg"] for h in trainer.state.log_history if "loss_reg" in h]
         with open(args.output, "w") as handle:
-            json.dump({"world_size": trainer.accelerator.num_processes, "loss_reg": losses}, handle)
+            from torch.distributed.fsdp import FSDPModule
+
+            units = sorted(name or "<root>" for name, module in model.named_modules() if isinstance(module, FSDPModule))
+            json.dump({"world_size": trainer.accelerator.num_processes, "loss_reg": losses, "sharded_steps": sharded_steps.steps,
+                       "fsdp_units": units}, handle)
     # Tear the process group down on every rank together: a rank that exits while its peer still
     # holds open gloo connections can take the peer down at exit.
     trainer.accelerator.wait_for_everyone()

@@ -56,14 +56,18 @@ def _full_parameters(module: nn.Module):
 
 
 def _plain_copy(module: nn.Module) -> nn.Module:
-    """A frozen copy holding plain tensors (no ZeRO/FSDP attributes or hooks carried over)."""
+    """A frozen copy holding plain, whole tensors (no ZeRO/FSDP attributes or hooks carried over).
+
+    Under FSDP2 the parameters are ``DTensor`` shards: each is gathered whole (a collective, in the
+    same order on every rank), so the momentum encoder is replicated -- see :class:`MomentumContrast`.
+    """
+    from .sharding import full_tensor
+
     with _full_parameters(module):
-        clone = copy.deepcopy(module)
-        for sub in clone.modules():
-            for name, param in list(sub._parameters.items()):
-                if param is not None:
-                    sub._parameters[name] = nn.Parameter(param.detach().clone(), requires_grad=False)
-    return clone
+        # deepcopy with the parameters pre-copied into its memo: the copy gets plain whole tensors
+        # and never copies a shard (nor a ZeRO-3 placeholder).
+        memo = {id(p): nn.Parameter(full_tensor(p.detach()).clone(), requires_grad=False) for p in module.parameters()}
+        return copy.deepcopy(module, memo)
 
 
 class MomentumContrast(nn.Module):
@@ -93,10 +97,13 @@ class MomentumContrast(nn.Module):
     @torch.no_grad()
     def update(self, backbone: nn.Module) -> None:
         """Eq. 8 on every parameter of the momentum encoder."""
+        from .sharding import full_tensor
+
         for momentum_module, online_module in self.online_pairs(backbone):
             with _full_parameters(online_module):
                 for theta_m, theta_e in zip(momentum_module.parameters(), online_module.parameters()):
-                    theta_m.mul_(self.momentum).add_(theta_e.detach().to(theta_m.dtype), alpha=1.0 - self.momentum)
+                    online = full_tensor(theta_e.detach())  # FSDP2: gathered whole, on every rank
+                    theta_m.mul_(self.momentum).add_(online.to(theta_m.dtype), alpha=1.0 - self.momentum)
 
     def query(self, backbone: nn.Module, fused: torch.Tensor) -> torch.Tensor:
         return F.normalize(backbone.moco_head(_random_half_mean(fused)), dim=-1)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .sharding import MODES
 from .stages import ALIGN_GROUPS, INSTRUCT_GROUPS, STAGES, normalise_order
 
 PAPER_OPTIM = {
@@ -53,6 +54,7 @@ class Recipe:
     use_cache: bool = True
     seed: int = 0
     eval_steps: int = 0  # > 0: the validation split's loss every this many steps of every stage (loss.png draws it)
+    distributed: str = "none"  # "fsdp": shard the model over the torchrun processes (train/sharding.py)
 
     @property
     def stages(self) -> list[list[str]]:
@@ -126,7 +128,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     if not isinstance(raw, dict):
         raise ValueError(f"recipe {path}: a recipe is a YAML mapping of fields (model, data, order, ...), got {type(raw).__name__}")
     known = {"model", "data", "order", "optim", "align", "instruct", "output_dir", "save_steps", "logging_steps", "cache", "seed",
-             "eval_steps"}
+             "eval_steps", "distributed"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"recipe {path}: unknown field(s) {unknown}; known fields are {sorted(known)}")
@@ -145,6 +147,9 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
             optim=body,
         )
 
+    distributed = str(raw.get("distributed", "none") or "none")
+    if distributed not in MODES:
+        raise ValueError(f"recipe {path}: distributed={distributed!r}; choose one of {list(MODES)} (fsdp: launch with torchrun)")
     order = raw.get("order", list(STAGES))
     try:
         normalise_order(order)
@@ -163,6 +168,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         use_cache=bool(raw.get("cache", True)),
         seed=int(raw.get("seed", 0)),
         eval_steps=int(raw.get("eval_steps", 0) or 0),
+        distributed=distributed,
     )
 
 

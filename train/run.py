@@ -77,13 +77,32 @@ def preset_config(preset: str, overrides: dict | None = None):
     return AstreaConfig(**merge_overrides(PRESETS[preset](), dict(overrides or {})))
 
 
+def prepare_model(model, recipe: Recipe):
+    """``distributed: fsdp``: the model sharded over the launched processes (:mod:`.sharding`); else itself."""
+    if recipe.distributed == "fsdp":
+        from .sharding import shard_model
+
+        return shard_model(model)
+    return model
+
+
+def _rank_zero_log(log):
+    """Only rank 0 prints (one log, not one per process)."""
+    from .sharding import is_rank_zero
+
+    return log if is_rank_zero() else (lambda *args, **kwargs: None)
+
+
 def run_align(recipe: Recipe, output_dir: str | Path | None = None, resume: bool = False, log=print) -> Path:
     """The progressive pre-alignment stages; writes ``<output>/aligned`` (a Hub-ready folder)."""
     from ..export import save_hub_folder
     from .data import stage_dataset
+    from .sharding import on_rank_zero
 
     output = Path(output_dir or recipe.output_dir)
+    log = _rank_zero_log(log)
     model, processor = load_model_and_processor(recipe)
+    model = prepare_model(model, recipe)
     model.train()
     summaries = run_alignment_stages(
         model, processor, recipe, output,
@@ -96,11 +115,13 @@ def run_align(recipe: Recipe, output_dir: str | Path | None = None, resume: bool
     for tower in model.model.towers.values():
         tower.freeze_if_configured()
     aligned = output / "aligned"
-    save_hub_folder(model.eval(), aligned, processor=processor)
-    (aligned / "alignment_summary.json").write_text(json.dumps(summaries, indent=1))
-    from ..card import write_trained_card
+    save_hub_folder(model.eval(), aligned, processor=processor)  # sharded: gathered, written by rank 0
+    with on_rank_zero() as writer:
+        if writer:
+            (aligned / "alignment_summary.json").write_text(json.dumps(summaries, indent=1))
+            from ..card import write_trained_card
 
-    write_trained_card(aligned, model, processor, recipe, "align", recipe.model.get("path"), summaries)
+            write_trained_card(aligned, model, processor, recipe, "align", recipe.model.get("path"), summaries)
     log(f"aligned model written to {aligned}")
     return aligned
 
@@ -110,8 +131,13 @@ def run_instruct(recipe: Recipe, output_dir: str | Path | None = None, resume: b
     """Instruction tuning (MoE fusion + MoCo) from an aligned folder; runs the alignment first if there is none."""
     from ..export import save_hub_folder
     from .data import instruct_dataset
+    from .sharding import on_rank_zero
 
     output = Path(output_dir or recipe.output_dir)
+    log = _rank_zero_log(log)
+    if recipe.instruct.lora and recipe.distributed == "fsdp":
+        raise ValueError("distributed: fsdp with a LoRA recipe (instruct.lora) is not supported; train the whole LLM "
+                         "(lora: null) or launch without fsdp (data parallel)")
     aligned = Path(init_from) if init_from else output / "aligned"
     if not (aligned / "config.json").is_file():
         if init_from:
@@ -119,6 +145,7 @@ def run_instruct(recipe: Recipe, output_dir: str | Path | None = None, resume: b
         log(f"no aligned model in {aligned}: running the alignment stages first")
         aligned = run_align(recipe, output, resume=resume, log=log)
     model, processor = load_model_and_processor(recipe, init_from=aligned)
+    model = prepare_model(model, recipe)
     model.train()
     phase = recipe.instruct
     dataset = instruct_dataset(recipe.data, split="train")
@@ -142,12 +169,14 @@ def run_instruct(recipe: Recipe, output_dir: str | Path | None = None, resume: b
                         eval_dataset=instruct_dataset(recipe.data, split="validation") if recipe.eval_steps else None)
     final = output / "final"
     to_save = train_target.merge_and_unload() if phase.lora else train_target
-    save_hub_folder(to_save.eval(), final, processor=processor)
-    (final / "instruct_summary.json").write_text(json.dumps(summary, indent=1))
-    from ..card import write_trained_card
+    save_hub_folder(to_save.eval(), final, processor=processor)  # sharded: gathered, written by rank 0
+    with on_rank_zero() as writer:
+        if writer:
+            (final / "instruct_summary.json").write_text(json.dumps(summary, indent=1))
+            from ..card import write_trained_card
 
-    earlier = aligned / "alignment_summary.json"
-    stages = json.loads(earlier.read_text()) if earlier.is_file() else []
-    write_trained_card(final, to_save, processor, recipe, "instruct", aligned, [*stages, summary])
+            earlier = aligned / "alignment_summary.json"
+            stages = json.loads(earlier.read_text()) if earlier.is_file() else []
+            write_trained_card(final, to_save, processor, recipe, "instruct", aligned, [*stages, summary])
     log(f"instruction-tuned model written to {final}")
     return final

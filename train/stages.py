@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..configuration.configuration_astrea import EXPERT_ROLES
+from .sharding import full_state_dict, full_tensor, is_rank_zero, load_full_state_dict, on_rank_zero
 
 #: The stage roles, in the paper's default order (one per expert).
 STAGES: tuple[str, ...] = EXPERT_ROLES
@@ -205,7 +206,7 @@ def use_feature_cache(trainer, model, processor, dataset, cache_dir: Path, log=p
     for images in [dataset_images(dataset)] + ([dataset_images(eval_dataset)] if eval_dataset is not None else []):
         for kind, roles in plan.items():
             if roles:
-                stats = cache.build(model, processor, images, roles=roles, kind=kind, progress=True)
+                stats = cache.build(model, processor, images, roles=roles, kind=kind, progress=is_rank_zero())
                 log(f"feature cache ({kind}: {', '.join(roles)}): {sum(stats['computed'].values())} computed, "
                     f"{sum(stats['skipped'].values())} reused, {stats['seconds']:.1f} s")
     trainer.data_collator = CachedFeatureCollator(trainer.data_collator, cache, model, processor,
@@ -214,16 +215,19 @@ def use_feature_cache(trainer, model, processor, dataset, cache_dir: Path, log=p
 
 # -------------------------------------------------------------------------------- stage loop
 def save_stage_weights(model, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "weights.safetensors.tmp"
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp))
-    os.replace(tmp, folder / "weights.safetensors")
+    """``weights.safetensors``: the whole state dict (gathered from every rank when sharded), written by rank 0."""
+    state = full_state_dict(model)
+    with on_rank_zero() as writer:
+        if writer:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / "weights.safetensors.tmp"
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+            os.replace(tmp, folder / "weights.safetensors")
 
 
 def load_stage_weights(model, folder: Path) -> None:
     try:
-        model.load_state_dict(load_file(str(folder / "weights.safetensors")), strict=True)
+        load_full_state_dict(model, load_file(str(folder / "weights.safetensors")))
     except RuntimeError as error:  # missing / unexpected keys or other shapes: another model's stage
         raise ValueError(f"{folder} holds a finished stage of a different model ({str(error).splitlines()[-1].strip()}); "
                          f"use a new output folder, or delete {folder} to train the stage again") from None
@@ -244,7 +248,7 @@ def stage_fingerprint(model, recipe, phase, groups: list[str], roles: list[str],
         for name, tensor in sorted(model.state_dict().items()):
             if "lora_" in name:  # a fresh LoRA's random init is not part of what the stage starts from
                 continue
-            values = tensor.detach().double()
+            values = full_tensor(tensor.detach()).double()  # sharded: the whole tensor, as unsharded
             digest.update(f"{name}{tuple(tensor.shape)}{float(values.sum()):.9e}{float(values.abs().sum()):.9e}".encode())
     return digest.hexdigest()[:16]
 
@@ -300,9 +304,11 @@ def run_stage(model, processor, recipe, phase, groups: list[str], roles: list[st
     save_stage_weights(model, stage_dir)
     summary = {"stage": stage_dir.name, "roles": roles, "groups": groups, "fingerprint": fingerprint, "train_loss": result.training_loss,
                "log_history": trainer.state.log_history}
-    tmp = stage_dir / f"{DONE}.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, stage_dir / DONE)
+    with on_rank_zero() as writer:
+        if writer:
+            tmp = stage_dir / f"{DONE}.tmp"
+            tmp.write_text(json.dumps(summary, indent=1))
+            os.replace(tmp, stage_dir / DONE)
     return summary
 
 

@@ -22,6 +22,13 @@ Crash safety
     never sees the staging folder (its name does not match ``checkpoint-<step>``), and the next save
     of that step removes it. Before resuming, the checkpoint's files are checked
     (:mod:`astrea_vlm.modeling.checkpoint_files`) so that a truncated or damaged file is named.
+
+Sharded training (FSDP2, :mod:`astrea_vlm.train.sharding`)
+    A checkpoint of a sharded model holds the model and optimizer states as
+    ``torch.distributed.checkpoint`` shards in ``checkpoint-N/sharded/`` (every rank writes its own
+    file, rank 0 the metadata), each rank's RNG state, and -- from rank 0 -- the scheduler, trainer
+    and MoCo states. ``Trainer`` 5.23 cannot checkpoint the optimizer of a model that owns its
+    sharding (it asks for ``save_only_model``); this class writes and reads these checkpoints itself.
 """
 
 from __future__ import annotations
@@ -34,14 +41,19 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from trl import SFTTrainer
 
 from ..modeling.checkpoint_files import CorruptCheckpointError, check_safetensors_file, check_torch_zip_file, check_weights_folder
 from .moco import MomentumContrast
+from .sharding import is_sharded
 
 MOCO_STATE = "moco_state.safetensors"
+
+#: The folder of a sharded checkpoint's ``torch.distributed.checkpoint`` files (model and optimizer).
+SHARDED_STATE = "sharded"
 
 #: Prefix of the staging folder a checkpoint is written into before it is moved into place.
 STAGING_PREFIX = ".partial-"
@@ -105,7 +117,11 @@ def check_checkpoint(folder: str, moco: bool = False) -> None:
     """Check a Trainer checkpoint's files before resuming; raise naming the first bad or missing one."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
-    if not check_weights_folder(folder) and not os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):
+    sharded = os.path.isdir(os.path.join(folder, SHARDED_STATE))
+    if sharded and not os.path.isfile(os.path.join(folder, SHARDED_STATE, ".metadata")):
+        raise FileNotFoundError(f"{folder}/{SHARDED_STATE} has no .metadata: the sharded checkpoint is incomplete; "
+                                "resume from another one")
+    if not sharded and not check_weights_folder(folder) and not os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):
         raise FileNotFoundError(
             f"{folder} holds no model.safetensors (or shard index, or adapter_model.safetensors): "
             "it is not a complete checkpoint; resume from another one"
@@ -141,6 +157,11 @@ class AstreaSFTTrainer(SFTTrainer):
     """
 
     def __init__(self, *args, use_moco: bool = True, **kwargs):
+        model, train_args = kwargs.get("model", args[0] if args else None), kwargs.get("args", args[1] if len(args) > 1 else None)
+        if model is not None and train_args is not None and is_sharded(model):
+            # Trainer refuses to checkpoint a model that owns its sharding unless it saves the model
+            # only; the sharded checkpoints are written here instead (_save_sharded_checkpoint).
+            train_args.save_only_model = True
         super().__init__(*args, **kwargs)
         self.backbone = find_backbone(self.model)
         config = self.backbone.config
@@ -234,7 +255,10 @@ class AstreaSFTTrainer(SFTTrainer):
         self.accelerator.wait_for_everyone()
         self._staging_run_dir = staging_root
         try:
-            super()._save_checkpoint(model, trial)
+            if is_sharded(self.model):
+                self._save_sharded_checkpoint(staged)
+            else:
+                super()._save_checkpoint(model, trial)
         finally:
             self._staging_run_dir = None
         if self.args.should_save:
@@ -252,6 +276,52 @@ class AstreaSFTTrainer(SFTTrainer):
                 use_mtime=True,
             )
         self.accelerator.wait_for_everyone()
+
+    def _save_sharded_checkpoint(self, folder: str) -> None:
+        """Every rank: its model and optimizer shards (``torch.distributed.checkpoint``) and its RNG state;
+        rank 0: scheduler and gradient scaler (the trainer and MoCo states follow in ``_save_checkpoint``)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        self.store_flos()
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper holds the torch one
+        model_state, optimizer_state = get_state_dict(self.model, optimizer,
+                                                      options=StateDictOptions(flatten_optimizer_state_dict=True))
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=os.path.join(folder, SHARDED_STATE))
+        self._save_rng_state(folder)  # rng_state_<rank>.pth, one file per rank
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(folder, "scheduler.pt"))
+            self._save_scaler(folder)
+            for callback in [*self.callback_handler.callbacks, self.control]:  # as Trainer._save_checkpoint does
+                if isinstance(callback, ExportableState):
+                    name, state = type(callback).__name__, callback.state()
+                    if isinstance(self.state.stateful_callbacks.get(name), list):
+                        self.state.stateful_callbacks[name].append(state)
+                    else:
+                        self.state.stateful_callbacks[name] = state
+        self.accelerator.wait_for_everyone()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if is_sharded(self.model) and os.path.isdir(os.path.join(resume_from_checkpoint, SHARDED_STATE)):
+            return  # read with the optimizer, once it exists (_load_optimizer_and_scheduler)
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if checkpoint is None or not os.path.isdir(os.path.join(checkpoint, SHARDED_STATE)):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        if not is_sharded(self.model):
+            raise ValueError(f"{checkpoint} is a sharded (FSDP) checkpoint; resume it with the same launch "
+                             "(torchrun ... with distributed: fsdp), or start the stage again")
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        options = StateDictOptions(flatten_optimizer_state_dict=True)
+        model_state, optimizer_state = get_state_dict(self.model, optimizer, options=options)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=os.path.join(checkpoint, SHARDED_STATE))
+        set_state_dict(self.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options)
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         if resume_from_checkpoint is True:

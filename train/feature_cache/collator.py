@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ..sharding import local_tensor
 from .keys import CacheKey, cache_key, find_backbone, image_hash
 from .store import FeatureCache
 
@@ -81,7 +82,8 @@ class CachedFeatureCollator:
         """Storage and in-place version of every tensor the ``kind`` features of ``role`` depend on."""
         modules = [backbone.towers[role]] + ([backbone.projectors[role]] if kind == "projected" else [])
         try:
-            return tuple((t.data_ptr(), t._version) for module in modules for t in itertools.chain(module.parameters(), module.buffers()))
+            tensors = [local_tensor(t) for module in modules for t in itertools.chain(module.parameters(), module.buffers())]
+            return tuple((t.data_ptr(), t._version) for t in tensors)
         except RuntimeError:  # inference tensors have no version counter
             return None
 

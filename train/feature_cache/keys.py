@@ -3,7 +3,8 @@
 An entry is found by ``(group, image hash)``. The image hash is the sha256 of the decoded RGB pixels
 (the processor's own decoding); the group (:class:`CacheKey`) is the expert role, the kind, the
 preprocessing spec and the weights fingerprints of the tower (and projector). Weights fingerprints
-are memoised per module and tensor version, so recomputing them every batch is cheap.
+are memoised per module and tensor version, so recomputing them every batch is cheap. A module
+sharded with FSDP2 has the fingerprint of its whole weights (gathered: every rank computes it).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ..sharding import full_tensor, local_tensor, unsharded_class
 
 FORMAT = "astrea-feature-cache"
 FORMAT_VERSION = 1
@@ -60,13 +63,13 @@ def _describe_module(module: nn.Module) -> str:
     else:
         body = repr(module)
     extra = {name: getattr(module, name) for name in ("kind", "grid", "out_dim") if hasattr(module, name)}
-    return json.dumps({"class": type(module).__name__, "config": body, **extra}, sort_keys=True, default=str)
+    return json.dumps({"class": unsharded_class(module).__name__, "config": body, **extra}, sort_keys=True, default=str)
 
 
 def _version_key(module: nn.Module, description: str):
     try:
         tensors = tuple(
-            (name, t.data_ptr(), t._version, str(t.dtype), tuple(t.shape), str(t.device))
+            (name, local_tensor(t).data_ptr(), local_tensor(t)._version, str(t.dtype), tuple(t.shape), str(t.device))
             for name, t in module.state_dict(keep_vars=True).items()
         )
     except RuntimeError:  # inference tensors have no version counter: never memoise
@@ -97,7 +100,7 @@ def weights_fingerprint(module: nn.Module) -> str:
         digest.update(f"\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
         if tensor.is_meta:
             raise ValueError(f"cannot fingerprint {type(module).__name__}: {name} is on the meta device")
-        digest.update(_tensor_bytes(tensor))
+        digest.update(_tensor_bytes(full_tensor(tensor)))
     fingerprint = digest.hexdigest()
     if key is not None:
         _WEIGHTS_MEMO[module] = (key, fingerprint)

@@ -21,7 +21,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..sharding import barrier, is_rank_zero, is_sharded
 from .keys import FORMAT, FORMAT_VERSION, CacheKey, astrea_image_processor, cache_key, find_backbone, image_hash, rgb_image
+
+
+def _same_on_every_rank(todo: dict[str, Any], by_digest: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0's ``todo`` (digest -> image) on every rank (images from each rank's own ``by_digest``)."""
+    import torch.distributed as dist
+
+    chosen = [list(todo)]
+    dist.broadcast_object_list(chosen, src=0)
+    return {digest: by_digest[digest] for digest in chosen[0]}
 
 
 # ----------------------------------------------------------------------------------- errors
@@ -379,9 +389,16 @@ class FeatureCache:
         roles = list(backbone.expert_order) if roles is None else [roles] if isinstance(roles, str) else list(roles)
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        # A model sharded with FSDP2 computes collectively: every rank runs the same images through
+        # the towers, rank 0 decides which (its view of the cache) and alone writes.
+        sharded = is_sharded(backbone)
+        writer = not sharded or is_rank_zero()
         keys = {role: cache_key(backbone, processor, role, kind) for role in roles}
         tower_keys = {role: cache_key(backbone, processor, role, "tower") for role in roles} if kind == "projected" else {}
-        self._register(list(keys.values()))
+        if writer:
+            self._register(list(keys.values()))
+        if sharded:
+            barrier()
         image_processor = astrea_image_processor(processor)
         if total is None and hasattr(images, "__len__"):
             total = len(images)
@@ -400,20 +417,24 @@ class FeatureCache:
                 decoded = [rgb_image(image) for image in chunk]
                 digests = [image_hash(image) for image in decoded]
                 for role in roles:
-                    done = self._group_index(self._top()["groups"][keys[role].group_id])["images"]
                     todo: dict[str, Any] = {}
-                    for digest, image in zip(digests, decoded):
-                        if digest in done or digest in buffers[role] or digest in todo:
-                            stats["skipped"][role] += 1
-                        else:
-                            todo[digest] = image
+                    if writer:
+                        done = self._group_index(self._top()["groups"][keys[role].group_id])["images"]
+                        for digest, image in zip(digests, decoded):
+                            if not (digest in done or digest in buffers[role] or digest in todo):
+                                todo[digest] = image
+                    if sharded:
+                        todo = _same_on_every_rank(todo, dict(zip(digests, decoded)))
+                    stats["skipped"][role] += len(chunk) - len(todo)
                     if not todo:
                         continue
                     features = self._compute(backbone, image_processor, role, kind, todo, tower_keys.get(role) if use_tower_cache else None)
+                    stats["computed"][role] += len(todo)
+                    if not writer:
+                        continue
                     for digest, tensor in features.items():
                         buffers[role][digest] = tensor
                         buffered_bytes[role] += tensor.numel() * tensor.element_size()
-                    stats["computed"][role] += len(todo)
                     if buffered_bytes[role] >= self.shard_max_bytes:
                         self._flush(keys[role], buffers[role])
                         buffered_bytes[role], stats["shards"] = 0, stats["shards"] + 1
@@ -428,6 +449,8 @@ class FeatureCache:
             bar.close()
             for module, mode in zip(modules, modes):
                 module.train(mode)
+        if sharded:
+            barrier()  # nobody reads the cache before rank 0 has written it
         stats["seconds"] = round(time.perf_counter() - start, 3)
         return stats
 

@@ -416,7 +416,17 @@ def _write_hub_folder(model, folder: Path, processor, weights: bool, entries: di
         for key, value in layout.items():
             setattr(model.config, key, value)
     if weights:
-        model.save_pretrained(folder, **save_kwargs)
+        # A model sharded through transformers' DistributedConfig would gather its shards again inside
+        # save_pretrained (a collective that only rank 0 reaches here): the full state dict was
+        # gathered by every rank already (save_hub_folder), so save it as a plain model's.
+        distributed_config = getattr(model.config, "distributed_config", None)
+        if distributed_config is not None and "state_dict" in save_kwargs:
+            model.config.distributed_config = None
+        try:
+            model.save_pretrained(folder, **save_kwargs)
+        finally:
+            if distributed_config is not None:
+                model.config.distributed_config = distributed_config
     else:
         folder.mkdir(parents=True, exist_ok=True)
         model.config.architectures = [_model_class_name(model)]

@@ -83,7 +83,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
 # Each ```bash block runs in bash as written; the commands it may use are shell functions that
 # record their arguments, then are checked: `astrea` by the real parser (`create --preset tiny`
 # runs for real), `pip` against pyproject's extras and constraints.txt, `accelerate launch` by its
-# config file and the parser. Anything else -- a stray line after a broken `\`, a `<placeholder>`
+# config file and the parser, `torchrun` by the parser. Anything else -- a stray line after a broken `\`, a `<placeholder>`
 # read as a redirection -- makes bash fail, as it would for a user pasting the block.
 _SHELL_STUBS = """
 set -euo pipefail
@@ -92,6 +92,7 @@ astrea() { record astrea "$@"; }
 pip() { record pip "$@"; }
 python() { record python "$@"; }
 accelerate() { record accelerate "$@"; }
+torchrun() { record torchrun "$@"; }
 lmms-eval() { record lmms-eval "$@"; }
 """
 
@@ -170,10 +171,14 @@ def test_readme_shell_blocks_run(tmp_path):
             assert argv[:2] == ["launch", "--config_file"] and (README.parent / argv[2]).is_file(), argv
             assert argv[3:5] == ["-m", "astrea_vlm.cli"], argv
             _check_astrea(argv[5:], tmp_path)
+        elif name == "torchrun":
+            module = argv.index("-m")
+            assert argv[module + 1] == "astrea_vlm.cli" and "--nproc_per_node" in argv[:module], argv
+            _check_astrea(argv[module + 2:], tmp_path)
         elif name == "lmms-eval":
             assert argv[:2] == ["--model", "astrea"], argv
             assert "astrea" in project["entry-points"]["lmms_eval.models"]
-    assert {"astrea", "pip", "python", "accelerate", "lmms-eval"} <= tools
+    assert {"astrea", "pip", "python", "accelerate", "torchrun", "lmms-eval"} <= tools
 
 
 def test_a_broken_line_continuation_fails_the_shell_check(tmp_path):

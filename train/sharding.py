@@ -29,6 +29,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 #: Values of a recipe's ``distributed`` key.
 MODES = ("none", "fsdp")
@@ -149,6 +150,38 @@ def shard_model(model: nn.Module) -> nn.Module:
     return model
 
 
+class ShardingProbe(TrainerCallback):
+    """Records after every optimizer step whether all of the model's parameters are FSDP2 shards and how
+    many parameter elements this rank holds; :meth:`summary` gathers it over the ranks."""
+
+    def __init__(self):
+        self.steps = 0
+        self.sharded_at_every_step = True
+        self.local_elements = 0
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        from torch.distributed.tensor import DTensor
+
+        params = list(model.parameters())
+        self.steps += 1
+        self.sharded_at_every_step &= bool(params) and all(isinstance(p, DTensor) for p in params)
+        self.local_elements = sum(local_tensor(p).numel() for p in params)
+
+    def summary(self, model: nn.Module) -> dict:
+        """``{"world_size", "fsdp_units", "parameters", "local_parameters" (per rank), "steps", "sharded_at_every_step"}``
+        (a collective: every rank calls it)."""
+        import torch.distributed as dist
+        from torch.distributed.fsdp import FSDPModule
+
+        mine = (self.local_elements, self.steps, self.sharded_at_every_step)
+        every = [mine] * world_size()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_gather_object(every, mine)
+        return {"world_size": world_size(), "fsdp_units": sum(isinstance(m, FSDPModule) for m in model.modules()),
+                "parameters": sum(p.numel() for p in model.parameters()), "local_parameters": [e[0] for e in every],
+                "steps": [e[1] for e in every], "sharded_at_every_step": all(e[2] for e in every)}
+
+
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole state dict on CPU: gathered from the shards (every rank must call it) or the plain one."""
     if not is_sharded(model):
@@ -173,5 +206,5 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
 
 
-__all__ = ["MODES", "barrier", "fsdp_units", "full_state_dict", "full_tensor", "is_rank_zero", "is_sharded", "load_full_state_dict",
+__all__ = ["MODES", "ShardingProbe", "barrier", "fsdp_units", "full_state_dict", "full_tensor", "is_rank_zero", "is_sharded", "load_full_state_dict",
            "local_tensor", "on_rank_zero", "rank", "shard_model", "unsharded_class", "world_size"]

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..configuration.configuration_astrea import EXPERT_ROLES
-from .sharding import full_state_dict, full_tensor, is_rank_zero, load_full_state_dict, on_rank_zero
+from .sharding import ShardingProbe, full_state_dict, full_tensor, is_rank_zero, is_sharded, load_full_state_dict, on_rank_zero
 
 #: The stage roles, in the paper's default order (one per expert).
 STAGES: tuple[str, ...] = EXPERT_ROLES
@@ -300,10 +300,15 @@ def run_stage(model, processor, recipe, phase, groups: list[str], roles: list[st
     checkpoint = _last_checkpoint(stage_dir) if resume else None
     if checkpoint:
         log(f"[{stage_dir.name}] resuming from {checkpoint}")
+    probe = ShardingProbe() if is_sharded(model) else None
+    if probe is not None:
+        trainer.add_callback(probe)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     save_stage_weights(model, stage_dir)
     summary = {"stage": stage_dir.name, "roles": roles, "groups": groups, "fingerprint": fingerprint, "train_loss": result.training_loss,
                "log_history": trainer.state.log_history}
+    if probe is not None:
+        summary["sharding"] = probe.summary(model)  # the evidence that the run was sharded (tests/test_fsdp.py)
     with on_rank_zero() as writer:
         if writer:
             tmp = stage_dir / f"{DONE}.tmp"

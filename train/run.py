@@ -86,10 +86,12 @@ def prepare_model(model, recipe: Recipe):
     return model
 
 
-def _rank_zero_log(log):
-    """Only rank 0 prints (one log, not one per process)."""
-    from .sharding import is_rank_zero
+def _rank_zero_log(log, recipe: Recipe):
+    """Only rank 0 prints (one log, not one per process). Also checks an FSDP recipe's launch before anything is built."""
+    from .sharding import is_rank_zero, require_launcher
 
+    if recipe.distributed == "fsdp":
+        require_launcher()
     return log if is_rank_zero() else (lambda *args, **kwargs: None)
 
 
@@ -100,7 +102,7 @@ def run_align(recipe: Recipe, output_dir: str | Path | None = None, resume: bool
     from .sharding import on_rank_zero
 
     output = Path(output_dir or recipe.output_dir)
-    log = _rank_zero_log(log)
+    log = _rank_zero_log(log, recipe)
     model, processor = load_model_and_processor(recipe)
     model = prepare_model(model, recipe)
     model.train()
@@ -134,7 +136,7 @@ def run_instruct(recipe: Recipe, output_dir: str | Path | None = None, resume: b
     from .sharding import on_rank_zero
 
     output = Path(output_dir or recipe.output_dir)
-    log = _rank_zero_log(log)
+    log = _rank_zero_log(log, recipe)
     if recipe.instruct.lora and recipe.distributed == "fsdp":
         raise ValueError("distributed: fsdp with a LoRA recipe (instruct.lora) is not supported; train the whole LLM "
                          "(lora: null) or launch without fsdp (data parallel)")

@@ -118,6 +118,14 @@ def fsdp_units(model: nn.Module) -> list[str]:
     return units
 
 
+def require_launcher() -> None:
+    """Raise unless this process is one of two or more started by a launcher (``torchrun``)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or "RANK" not in os.environ:
+        raise ValueError("distributed: fsdp shards the model over the processes of a launcher; start two or more with "
+                         "`torchrun --standalone --nproc_per_node N -m astrea_vlm.cli ...`, or train in one process "
+                         "without it (distributed: none, the default)")
+
+
 def shard_model(model: nn.Module) -> nn.Module:
     """Shard ``model`` (an ``AstreaForConditionalGeneration``) over the launched processes with FSDP2.
 
@@ -127,10 +135,7 @@ def shard_model(model: nn.Module) -> nn.Module:
     """
     from transformers.distributed import DistributedConfig
 
-    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or "RANK" not in os.environ:
-        raise ValueError("distributed: fsdp shards the model over the processes of a launcher; start two or more with "
-                         "`torchrun --nproc_per_node N -m astrea_vlm.cli ...`, or train in one process without it "
-                         "(distributed: none, the default)")
+    require_launcher()
     if hasattr(model, "peft_config"):
         raise ValueError("distributed: fsdp with a LoRA recipe (instruct.lora) is not supported; train the whole LLM "
                          "(lora: null) or launch without fsdp (data parallel)")
@@ -207,4 +212,4 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 
 
 __all__ = ["MODES", "ShardingProbe", "barrier", "fsdp_units", "full_state_dict", "full_tensor", "is_rank_zero", "is_sharded", "load_full_state_dict",
-           "local_tensor", "on_rank_zero", "rank", "shard_model", "unsharded_class", "world_size"]
+           "local_tensor", "on_rank_zero", "rank", "require_launcher", "shard_model", "unsharded_class", "world_size"]

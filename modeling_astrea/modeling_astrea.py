@@ -229,28 +229,38 @@ class AstreaPreTrainedModel(PreTrainedModel):
 
         The others (Grounding-DINO has neither SDPA nor flash attention) keep their current one, as
         at construction (:func:`towers.fit_attn_implementation`), instead of failing the whole call.
+        A request transformers refuses (an unknown name) leaves every config as it was.
         """
-        if isinstance(attn_implementation, str):
-            attn_implementation = self._attn_implementation_per_subconfig(attn_implementation)
-        return super().set_attn_implementation(attn_implementation, allow_all_kernels=allow_all_kernels)
+        if not isinstance(attn_implementation, str):
+            return super().set_attn_implementation(attn_implementation, allow_all_kernels=allow_all_kernels)
+        per_subconfig, unowned = self._attn_implementation_per_subconfig(attn_implementation)
+        # Configs that no sub-model owns (the expert wrappers, the timm tower's config) only record the
+        # value: set here, so that transformers does not warn that it cannot check them.
+        previous = [(config, config._attn_implementation_internal) for config in unowned]
+        for config in unowned:
+            config._attn_implementation_internal = attn_implementation
+        try:
+            return super().set_attn_implementation(per_subconfig, allow_all_kernels=allow_all_kernels)
+        except Exception:
+            for config, value in previous:
+                config._attn_implementation_internal = value
+            raise
 
-    def _attn_implementation_per_subconfig(self, requested: str) -> str | dict:
-        """``requested`` as the nested per-sub-config dict ``set_attn_implementation`` takes.
-
-        Configs that no sub-model owns (the expert wrappers, the timm tower's config) only record
-        the value: it is set on them here, so that transformers does not warn it cannot check them.
-        """
+    def _attn_implementation_per_subconfig(self, requested: str) -> tuple[str | dict, list]:
+        """``requested`` as the nested per-sub-config dict ``set_attn_implementation`` takes, and the
+        configs that no sub-model owns."""
         owners = {id(module.config): type(module) for module in self.modules() if isinstance(module, PreTrainedModel)}
+        unowned = []
 
         def tree(config):
             owner = owners.get(id(config))
             if owner is None:
-                config._attn_implementation_internal = requested
+                unowned.append(config)
             own = requested if owner is None or can_run_attn_implementation(owner, requested) else config._attn_implementation
             nested = {key: tree(sub) for key in config.sub_configs if (sub := getattr(config, key, None)) is not None}
             return {"": own, **nested} if nested else own
 
-        return tree(self.config)
+        return tree(self.config), unowned
 
     def enable_input_require_grads(self):
         """Make the LLM's input embeddings require grad (for adapters / gradient checkpointing).

@@ -190,6 +190,20 @@ def test_sdpa_reaches_every_tower_that_has_it_and_matches_eager(saved):
     assert eager.model.language_model.config._attn_implementation == "eager"
 
 
+def test_a_refused_attention_switch_changes_no_config(saved):
+    """An unknown name raises, as in transformers, and every config -- the expert wrappers and the timm
+    tower's, which no sub-model owns, included -- keeps its implementation (transformers' mixin checks it)."""
+    model = copy.deepcopy(saved["model"])
+    model.set_attn_implementation("sdpa")
+    configs = [model.config, *[config for expert in model.config.expert_configs.values() for config in (expert, expert.tower_config)]]
+    configs += [module.config for module in model.modules() if hasattr(module, "_supports_sdpa") and hasattr(module, "config")]
+    before = [config._attn_implementation for config in configs]
+    assert "sdpa" in before and "eager" in before  # Grounding-DINO
+    with pytest.raises(ValueError, match='attn_implementation="foo"'):
+        model.set_attn_implementation("foo")
+    assert [config._attn_implementation for config in configs] == before
+
+
 def test_flash_attention_request_reaches_the_llm_not_grounding_dino(saved):
     """Without the flash-attn package the LLM's own check refuses it -- not Grounding-DINO's."""
     from transformers.utils import is_flash_attn_2_available

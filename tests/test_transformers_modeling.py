@@ -12,6 +12,7 @@ Skipped mixin tests (each with its reason below): only those that LLaVA's own te
 from __future__ import annotations
 
 import contextlib
+import copy
 import unittest
 from unittest import mock
 
@@ -21,6 +22,7 @@ import transformers_common
 from generation_checks import GenerationChecks
 
 from astrea_vlm.configuration import AstreaConfig, get_preset
+from astrea_vlm.configuration.presets import PRESETS
 from astrea_vlm.modeling import AstreaForConditionalGeneration, AstreaModel
 
 try:
@@ -41,9 +43,10 @@ class AstreaModelTester:
     would give: refusing ``<image>`` ids without pixels is the model's contract.
     """
 
-    def __init__(self, parent=None, batch_size=3, text_length=7, is_training=True):
+    def __init__(self, parent=None, batch_size=3, text_length=7, is_training=True, **config_overrides):
         self.parent = parent
-        self.config = get_preset("tiny")
+        self.config_overrides = config_overrides
+        self.config = get_preset("tiny", **config_overrides)
         text = self.config.text_config
         self.batch_size = batch_size
         self.is_training = is_training
@@ -59,7 +62,7 @@ class AstreaModelTester:
         self.vision_config = {"num_hidden_layers": first.num_hidden_layers}
 
     def get_config(self) -> AstreaConfig:
-        return get_preset("tiny")
+        return get_preset("tiny", **self.config_overrides)
 
     def prepare_config_and_inputs_for_common(self):
         config = self.get_config()
@@ -70,6 +73,11 @@ class AstreaModelTester:
         input_ids = torch.randint(4, self.vocab_size, (self.batch_size, self.seq_length))
         input_ids[:, : self.num_image_tokens] = config.image_token_id
         return config, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **pixels}
+
+
+def _siglip_expert_config():
+    """The tiny preset's SigLIP (caption) expert config, to stand in for another expert."""
+    return copy.deepcopy(PRESETS["tiny"]()["caption_config"])
 
 
 def _text_ids_tensor(shape, vocab_size, rng=None, name=None):
@@ -140,6 +148,21 @@ class AstreaForConditionalGenerationModelTest(*_BASES, unittest.TestCase):
             # <image> (3) without its pixels; a tester batch of 7 gives it seven real image+text samples.
             self.model_tester = AstreaModelTester(self, batch_size=7)
             common.modeling._test_eager_matches_sdpa_inference(self, name, dtype, padding_side, use_attention_mask, output_attentions, enable_kernels)
+
+    # The mixin skips the attention switch for any model holding a sub-model that lacks SDPA or the
+    # AttentionInterface ("Parts of this model cannot set attention dynamically"). Architectural: that is
+    # transformers' GroundingDinoModel (the detection tower), which Astrea uses as transformers ships it.
+    # Every other tower kind has the switch, so both tests run on the tiny preset with a SigLIP tower in
+    # the detection expert's place (the Swin, SAM2, SigLIP and Llama sub-models keep theirs). That
+    # Grounding-DINO stays on eager when the others switch is test_hf_contract_model's
+    # test_sdpa_reaches_every_tower_that_has_it_and_matches_eager.
+    def test_can_set_attention_dynamically(self):
+        self.model_tester = AstreaModelTester(self, detection_config=_siglip_expert_config())
+        super().test_can_set_attention_dynamically()
+
+    def test_can_set_attention_dynamically_composite_model(self):
+        self.model_tester = AstreaModelTester(self, detection_config=_siglip_expert_config())
+        super().test_can_set_attention_dynamically_composite_model()
 
     @unittest.skip(
         reason="Architectural: the timm towers (RAM++ Swin) initialise themselves at construction with timm's own "

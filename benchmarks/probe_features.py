@@ -102,7 +102,7 @@ def visual_path_features(model, processor, images, batch_size: int = 256) -> dic
     for start in range(0, len(images), batch_size):
         pixels = processor.image_processor(images[start:start + batch_size], return_tensors="pt")
         order = backbone.expert_order
-        tokens = {role: backbone.get_tower_tokens(role, pixels[f"pixel_values_{role}"]) for role in order}
+        tokens = {role: backbone.get_tower_tokens(role, pixels[f"pixel_values_{role}"], pixels.get(f"pixel_mask_{role}")) for role in order}
         visual = backbone.get_image_features(tower_features=tokens)  # the towers run once, for both points
         out["towers"].append(torch.cat([tokens[role] for role in order], dim=1))
         out["projected"].append(torch.cat([visual.expert_features[role] for role in order], dim=1))

@@ -42,6 +42,29 @@ _TOWER_MODEL_TYPES = {
 }
 
 
+#: Each kind's original preprocessing: ``(resampling filter, what is resized, aspect ratio kept)``.
+#: "pil" resizes the 8-bit image (torchvision ``Resize`` on a PIL image); "tensor" resizes the
+#: [0, 1] float tensor with antialiasing (torchvision ``Resize`` after ``ToTensor``). Sources:
+#: SigLIP's released ``preprocessor_config.json`` (resample 3 = bicubic, 384x384); RAM++'s
+#: ``get_transform`` (``Resize((384, 384))`` on PIL: bilinear); Grounding-DINO's ``load_image``
+#: (``RandomResize([800], max_size=1333)`` on PIL: bilinear, aspect ratio kept); SAM2's
+#: ``SAM2Transforms`` (``ToTensor`` then ``Resize((1024, 1024))``: bilinear, antialiased). The generic
+#: kinds keep bicubic (CLIP, DINOv2 and most timm models).
+KIND_PREPROCESSING = {
+    "siglip": ("bicubic", "pil", False),
+    "ram_plus": ("bilinear", "pil", False),
+    "grounding_dino": ("bilinear", "pil", True),
+    "sam2": ("bilinear", "tensor", False),
+    "hf_vision": ("bicubic", "pil", False),
+    "timm": ("bicubic", "pil", False),
+}
+
+#: Grounding-DINO's longest-side cap relative to its shortest side: 1333 px for 800 px.
+GROUNDING_DINO_MAX_SIZE = (1333, 800)
+
+RESAMPLE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos")
+RESIZE_ON = ("pil", "tensor")
+
 #: Upper bounds of :meth:`AstreaConfig.validate`'s size checks (far above the paper's 34B model).
 MAX_PARAMETERS = 2 * 10**12
 MAX_IMAGE_SIDE = 16384
@@ -70,9 +93,25 @@ class AstreaExpertConfig(PreTrainedConfig):
             assembled from pretrained parts; never read when a saved Astrea folder is loaded,
             whose safetensors already hold the tower).
         image_size (`int`, defaults to 384):
-            Square side, in pixels, of the images this tower reads.
+            Square side, in pixels, of the images this tower reads (with ``keep_aspect_ratio``: the
+            shortest side).
         image_mean (`list[float]`), image_std (`list[float]`):
             Per-channel normalisation of the tower's pixels (used by the processor).
+        resample (`str`, *optional*):
+            Resampling filter of the resize (``nearest``, ``bilinear``, ``bicubic``, ``lanczos``);
+            defaults to the kind's original (:data:`KIND_PREPROCESSING`).
+        resize_on (`str`, *optional*):
+            ``"pil"``: the 8-bit image is resized (as torchvision's ``Resize`` does on a PIL image);
+            ``"tensor"``: the [0, 1] float image is resized with antialiasing (``Resize`` after
+            ``ToTensor``, as SAM2 does). Defaults to the kind's original.
+        keep_aspect_ratio (`bool`, *optional*):
+            ``False``: the image is resized to an ``image_size`` square. ``True`` (Grounding-DINO's
+            default): the shortest side becomes ``image_size`` and the longest at most ``max_size``;
+            batches are zero-padded at the bottom and right and carry a pixel mask, which the tower
+            honours. Only ``grounding_dino`` towers take it.
+        max_size (`int`, *optional*):
+            Longest side with ``keep_aspect_ratio``; ``None`` means ``image_size * 1333 // 800``
+            (1333 at Grounding-DINO's 800), see :attr:`longest_side`.
         feature_layer (`int`, defaults to -1):
             Hidden layer whose tokens are used (transformers ViT-like towers: -1 last, -2 the
             penultimate as in LLaVA). Ignored by towers without a layer stack.
@@ -107,6 +146,10 @@ class AstreaExpertConfig(PreTrainedConfig):
     feature_level: int = 0
     prompt_ids: list[int] | None = None
     frozen: bool = True
+    resample: str | None = None
+    resize_on: str | None = None
+    keep_aspect_ratio: bool | None = None
+    max_size: int | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -114,6 +157,13 @@ class AstreaExpertConfig(PreTrainedConfig):
             self.image_mean = [0.5, 0.5, 0.5]
         if self.image_std is None:
             self.image_std = [0.5, 0.5, 0.5]
+        resample, resize_on, keep_aspect_ratio = KIND_PREPROCESSING.get(self.kind, KIND_PREPROCESSING["siglip"])
+        if self.resample is None:
+            self.resample = resample
+        if self.resize_on is None:
+            self.resize_on = resize_on
+        if self.keep_aspect_ratio is None:
+            self.keep_aspect_ratio = keep_aspect_ratio
         self.validate_expert()
 
     def validate_expert(self, prefix: str = "expert") -> None:
@@ -131,8 +181,38 @@ class AstreaExpertConfig(PreTrainedConfig):
             value = getattr(self, name)
             _check(len(value) == 3, f"{prefix}.{name}", value, "needs 3 channel values")
         _check(all(s > 0 for s in self.image_std), f"{prefix}.image_std", self.image_std, "must be > 0")
+        _check(self.resample in RESAMPLE_FILTERS, f"{prefix}.resample", self.resample, f"choose one of {RESAMPLE_FILTERS}")
+        _check(self.resize_on in RESIZE_ON, f"{prefix}.resize_on", self.resize_on, f"choose one of {RESIZE_ON}")
+        _check(
+            self.resize_on == "pil" or self.resample in ("bilinear", "bicubic"),
+            f"{prefix}.resample",
+            self.resample,
+            "an antialiased tensor resize (resize_on='tensor') is bilinear or bicubic",
+        )
+        _check(
+            not self.keep_aspect_ratio or self.kind == "grounding_dino",
+            f"{prefix}.keep_aspect_ratio",
+            self.keep_aspect_ratio,
+            f"only grounding_dino towers read padded images with a pixel mask; a {self.kind} tower reads squares",
+        )
+        _check(
+            self.max_size is None or (self.keep_aspect_ratio and isinstance(self.max_size, int) and self.max_size >= self.image_size),
+            f"{prefix}.max_size",
+            self.max_size,
+            "is the longest side of an aspect-preserving resize: set keep_aspect_ratio=True and max_size >= image_size",
+        )
         _check(self.token_source in ("encoder", "queries"), f"{prefix}.token_source", self.token_source, "use 'encoder' or 'queries'")
         _check(self.feature_level >= 0, f"{prefix}.feature_level", self.feature_level, "must be >= 0")
+
+    @property
+    def longest_side(self) -> int | None:
+        """The longest side of an aspect-preserving resize: ``max_size``, or ``image_size * 1333 // 800``."""
+        if not self.keep_aspect_ratio:
+            return None
+        if self.max_size is not None:
+            return self.max_size
+        longest, shortest = GROUNDING_DINO_MAX_SIZE
+        return self.image_size * longest // shortest
 
     @property
     def is_grid(self) -> bool:
@@ -431,6 +511,7 @@ class AstreaConfig(PreTrainedConfig):
             )
         for role, expert in self.expert_configs.items():
             _check(expert.image_size <= MAX_IMAGE_SIDE, f"{role}_config.image_size", expert.image_size, f"must be <= {MAX_IMAGE_SIDE} pixels")
+            _check((expert.max_size or 0) <= MAX_IMAGE_SIDE, f"{role}_config.max_size", expert.max_size, f"must be <= {MAX_IMAGE_SIDE} pixels")
         d = text.hidden_size
         inter = getattr(text, "intermediate_size", None) or 4 * d
         estimate = 2 * text.vocab_size * d + text.num_hidden_layers * (4 * d * d + 3 * d * inter)
@@ -451,4 +532,11 @@ class AstreaConfig(PreTrainedConfig):
         )
 
 
-__all__ = ["AstreaConfig", "AstreaExpertConfig", "EXPERT_CONFIG_CLASSES", "EXPERT_ROLES", "TOWER_KINDS"]
+__all__ = [
+    "AstreaConfig",
+    "AstreaExpertConfig",
+    "EXPERT_CONFIG_CLASSES",
+    "EXPERT_ROLES",
+    "KIND_PREPROCESSING",
+    "TOWER_KINDS",
+]

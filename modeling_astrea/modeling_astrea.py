@@ -10,7 +10,8 @@ The layout follows transformers' LLaVA, which TRL and PEFT expect:
 Forward, top to bottom, for each image (one run of ``num_visual_tokens`` ``<image>`` tokens):
 
 1. each expert tower reads its own pixels (``pixel_values_<role>``: every tower has its own
-   resolution and normalisation) -> tokens ``(n_img, N_i, D_i)``;
+   resolution and normalisation; Grounding-DINO keeps the aspect ratio and reads a padded batch
+   with ``pixel_mask_<role>``) -> tokens ``(n_img, N_i, D_i)``;
 2. tokens are resampled to ``num_visual_tokens`` and projected to the LLM width: ``f_i`` (eq. 10's
    FFN output, and the ``C_i`` of the feature cache); precomputed ``C_i`` can be passed instead
    with ``expert_features={role: tensor}``, which skips that tower and projector, and cached
@@ -26,6 +27,7 @@ Forward, top to bottom, for each image (one run of ``num_visual_tokens`` ``<imag
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -45,6 +47,19 @@ from .projector import ExpertProjector, resample_tokens
 from .towers import ExpertTower, build_tower, can_run_attn_implementation
 
 PIXEL_KEYS = tuple(f"pixel_values_{role}" for role in EXPERT_ROLES)
+PIXEL_MASK_KEYS = tuple(f"pixel_mask_{role}" for role in EXPERT_ROLES)
+
+
+def _check_pixel_masks(pixel_values: dict, pixel_masks: dict) -> None:
+    for role, mask in pixel_masks.items():
+        name = f"pixel_mask_{role}"
+        if role not in pixel_values:
+            raise ValueError(f"`{name}` was given without `pixel_values_{role}`; pass both (AstreaProcessor makes them together)")
+        if not isinstance(mask, torch.Tensor) or mask.is_floating_point() or mask.is_complex():
+            raise TypeError(f"`{name}` must be an integer or bool tensor (1 on the image, 0 on the padding), got {getattr(mask, 'dtype', type(mask).__name__)}")
+        pixels = pixel_values[role]
+        if pixels.dim() == 4 and tuple(mask.shape) != (pixels.shape[0], *pixels.shape[-2:]):
+            raise ValueError(f"`{name}` must be (n_images, height, width) = {(pixels.shape[0], *pixels.shape[-2:])}, got {tuple(mask.shape)}")
 
 
 def _check_inputs(model, input_ids, inputs_embeds, attention_mask, past_key_values, pixel_values) -> None:
@@ -311,6 +326,11 @@ class AstreaModel(AstreaPreTrainedModel):
             # so global clipping would freeze every other parameter. Fan-in init keeps |z| ~ |x|.
             layer.fan_in_init = True
         self.language_model = AutoModel.from_config(config.text_config)
+        side = math.isqrt(config.num_visual_tokens)
+        for tower in self.towers.values():
+            if tower.config.keep_aspect_ratio and tower.grid is not None:
+                # It resamples each image's own region itself: straight to the token grid, in one step.
+                tower.grid = (side, side)
         self.alignment_role: str | None = None
         self.alignment_group: list[str] = []
         self.post_init()
@@ -351,10 +371,14 @@ class AstreaModel(AstreaPreTrainedModel):
         self.language_model.set_input_embeddings(value)
 
     # ------------------------------------------------------------------ visual side
-    def get_tower_tokens(self, role: str, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Tower tokens of one expert resampled to ``num_visual_tokens``: ``(n_images, N, D_i)``."""
+    def get_tower_tokens(self, role: str, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Tower tokens of one expert resampled to ``num_visual_tokens``: ``(n_images, N, D_i)``.
+
+        ``pixel_mask`` (1 on the image, 0 on the padding) goes with the padded pixels of an
+        aspect-preserving expert (``pixel_mask_<role>`` of the processor).
+        """
         tower = self.towers[role]
-        return resample_tokens(tower(pixel_values), tower.grid, self.config.num_visual_tokens)
+        return resample_tokens(tower(pixel_values, pixel_mask), tower.grid, self.config.num_visual_tokens)
 
     def get_expert_features(
         self,
@@ -363,6 +387,7 @@ class AstreaModel(AstreaPreTrainedModel):
         tower_features: dict[str, torch.Tensor] | None = None,
         tower_outputs: dict[str, dict] | None = None,
         output_attentions: bool = False,
+        pixel_masks: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Projector outputs ``C_i`` ``(n_images, N, D)`` per expert, from pixels, cached tower tokens or precomputed.
 
@@ -371,6 +396,7 @@ class AstreaModel(AstreaPreTrainedModel):
         ``output_attentions`` (see :meth:`ExpertTower.forward_with_states`).
         """
         pixel_values = pixel_values or {}
+        pixel_masks = pixel_masks or {}
         expert_features = expert_features or {}
         tower_features = tower_features or {}
         out = {}
@@ -387,10 +413,10 @@ class AstreaModel(AstreaPreTrainedModel):
                 tokens = _check_features(f"tower_features['{role}']", tower_features[role], self.config.num_visual_tokens, width)
             elif pixel_values.get(role) is not None and tower_outputs is not None:
                 tower = self.towers[role]
-                tokens, tower_outputs[role] = tower.forward_with_states(pixel_values[role], output_attentions)
+                tokens, tower_outputs[role] = tower.forward_with_states(pixel_values[role], output_attentions, pixel_masks.get(role))
                 tokens = resample_tokens(tokens, tower.grid, self.config.num_visual_tokens)
             elif pixel_values.get(role) is not None:
-                tokens = self.get_tower_tokens(role, pixel_values[role])
+                tokens = self.get_tower_tokens(role, pixel_values[role], pixel_masks.get(role))
             else:
                 raise ValueError(
                     f"no input for the {role} expert: pass `pixel_values_{role}` (AstreaProcessor makes it) "
@@ -414,6 +440,11 @@ class AstreaModel(AstreaPreTrainedModel):
         tower_features: dict[str, torch.Tensor] | None = None,
         text_features: torch.Tensor | None = None,
         bridge_generator: torch.Generator | None = None,
+        pixel_mask_caption: torch.LongTensor | None = None,
+        pixel_mask_classification: torch.LongTensor | None = None,
+        pixel_mask_detection: torch.LongTensor | None = None,
+        pixel_mask_segmentation: torch.LongTensor | None = None,
+        pixel_masks: dict[str, torch.Tensor] | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         **kwargs,
@@ -421,15 +452,21 @@ class AstreaModel(AstreaPreTrainedModel):
         """Steps 1-4 of the module docstring: fused visual tokens plus the router outputs.
 
         Takes the processor's pixel keys (``pixel_values_<role>=...``) or, equivalently, one dict
-        ``pixel_values={role: tensor}``, plus cached ``expert_features`` / ``tower_features``.
+        ``pixel_values={role: tensor}``, plus cached ``expert_features`` / ``tower_features``;
+        ``pixel_mask_<role>`` (or ``pixel_masks={role: tensor}``) go with an aspect-preserving
+        expert's padded pixels.
         ``text_features`` (``(n_images, D)``) feed a ``visual+text`` router; ``bridge_generator``
         draws the bridge's training-time Bernoulli masks.
         """
         pixel_values = {**(pixel_values or {}), **_pixel_dict(pixel_values_caption, pixel_values_classification, pixel_values_detection, pixel_values_segmentation)}
+        pixel_masks = {**(pixel_masks or {}), **_pixel_dict(pixel_mask_caption, pixel_mask_classification, pixel_mask_detection, pixel_mask_segmentation)}
+        _check_pixel_masks(pixel_values, pixel_masks)
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         tower_outputs = {} if output_hidden_states or output_attentions else None
-        features = self.get_expert_features(pixel_values, expert_features, tower_features, tower_outputs, bool(output_attentions))
+        features = self.get_expert_features(
+            pixel_values, expert_features, tower_features, tower_outputs, bool(output_attentions), pixel_masks
+        )
         visual = self.fuse_expert_features(features, text_features, bridge_generator)
         if tower_outputs:
             asked = [name for name, wanted in (("hidden_states", output_hidden_states), ("attentions", output_attentions)) if wanted]
@@ -509,6 +546,10 @@ class AstreaModel(AstreaPreTrainedModel):
         pixel_values_classification: torch.FloatTensor | None = None,
         pixel_values_detection: torch.FloatTensor | None = None,
         pixel_values_segmentation: torch.FloatTensor | None = None,
+        pixel_mask_caption: torch.LongTensor | None = None,
+        pixel_mask_classification: torch.LongTensor | None = None,
+        pixel_mask_detection: torch.LongTensor | None = None,
+        pixel_mask_segmentation: torch.LongTensor | None = None,
         expert_features: dict[str, torch.Tensor] | None = None,
         tower_features: dict[str, torch.Tensor] | None = None,
         use_cache: bool | None = None,
@@ -517,7 +558,9 @@ class AstreaModel(AstreaPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
         pixel_values = _pixel_dict(pixel_values_caption, pixel_values_classification, pixel_values_detection, pixel_values_segmentation)
+        pixel_masks = _pixel_dict(pixel_mask_caption, pixel_mask_classification, pixel_mask_detection, pixel_mask_segmentation)
         _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_key_values, pixel_values)
+        _check_pixel_masks(pixel_values, pixel_masks)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         visual = None
@@ -540,6 +583,7 @@ class AstreaModel(AstreaPreTrainedModel):
                 pixel_values=pixel_values,
                 expert_features=expert_features,
                 tower_features=tower_features,
+                pixel_masks=pixel_masks,
                 text_features=text_features,
                 output_hidden_states=False,
                 output_attentions=False,
@@ -617,6 +661,10 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
         pixel_values_classification: torch.FloatTensor | None = None,
         pixel_values_detection: torch.FloatTensor | None = None,
         pixel_values_segmentation: torch.FloatTensor | None = None,
+        pixel_mask_caption: torch.LongTensor | None = None,
+        pixel_mask_classification: torch.LongTensor | None = None,
+        pixel_mask_detection: torch.LongTensor | None = None,
+        pixel_mask_segmentation: torch.LongTensor | None = None,
         expert_features: dict[str, torch.Tensor] | None = None,
         tower_features: dict[str, torch.Tensor] | None = None,
         labels: torch.LongTensor | None = None,
@@ -634,6 +682,10 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
             pixel_values_classification=pixel_values_classification,
             pixel_values_detection=pixel_values_detection,
             pixel_values_segmentation=pixel_values_segmentation,
+            pixel_mask_caption=pixel_mask_caption,
+            pixel_mask_classification=pixel_mask_classification,
+            pixel_mask_detection=pixel_mask_detection,
+            pixel_mask_segmentation=pixel_mask_segmentation,
             expert_features=expert_features,
             tower_features=tower_features,
             use_cache=use_cache,
@@ -682,7 +734,11 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
         none: sample 0 with images A, B needs ``[A, B, A, B]``. Pixels and cached features are
         repeated here per sample instead (images per sample = its ``<image>`` tokens / N).
         """
-        visual = {key: model_kwargs.pop(key) for key in (*PIXEL_KEYS, "expert_features", "tower_features") if model_kwargs.get(key) is not None}
+        visual = {
+            key: model_kwargs.pop(key)
+            for key in (*PIXEL_KEYS, *PIXEL_MASK_KEYS, "expert_features", "tower_features")
+            if model_kwargs.get(key) is not None
+        }
         input_ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
         if expand_size > 1 and visual:
             text = input_ids if input_ids is not None and input_ids.numel() else None
@@ -725,7 +781,7 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
         )
         if not is_first_iteration and kwargs.get("use_cache", True):
             # Visual features are computed once, in the prefill; decode steps only run the LLM.
-            for key in (*PIXEL_KEYS, "expert_features", "tower_features"):
+            for key in (*PIXEL_KEYS, *PIXEL_MASK_KEYS, "expert_features", "tower_features"):
                 model_inputs.pop(key, None)
         return model_inputs
 

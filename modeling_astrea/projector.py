@@ -24,6 +24,16 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 
+def resample_grid(feature_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(B, C, h, w)`` -> ``(B, C, *size)``: area pooling when both sides shrink, else bilinear."""
+    size = tuple(size)
+    if tuple(feature_map.shape[-2:]) == size:
+        return feature_map
+    if size[0] <= feature_map.shape[-2] and size[1] <= feature_map.shape[-1]:
+        return F.adaptive_avg_pool2d(feature_map, size)
+    return F.interpolate(feature_map, size=size, mode="bilinear", align_corners=False)
+
+
 def resample_tokens(tokens: torch.Tensor, grid: tuple[int, int] | None, num_tokens: int) -> torch.Tensor:
     """Resample expert tokens ``(B, N_i, C)`` to ``(B, num_tokens, C)`` (see the module docstring)."""
     if grid is None:
@@ -38,11 +48,7 @@ def resample_tokens(tokens: torch.Tensor, grid: tuple[int, int] | None, num_toke
     if (h, w) == (side, side):
         return tokens
     fmap = tokens.transpose(1, 2).reshape(batch, channels, h, w)
-    if side <= h and side <= w:
-        fmap = F.adaptive_avg_pool2d(fmap, side)
-    else:
-        fmap = F.interpolate(fmap, size=(side, side), mode="bilinear", align_corners=False)
-    return fmap.flatten(2).transpose(1, 2)
+    return resample_grid(fmap, (side, side)).flatten(2).transpose(1, 2)
 
 
 class ExpertProjector(nn.Module):

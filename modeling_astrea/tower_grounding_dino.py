@@ -30,14 +30,29 @@ Two token sources (``config.token_source``)
       so in this mode the decoder carries it (``decoder.bbox_embed``, which also drives the
       decoder's iterative box refinement exactly as in ``GroundingDinoForObjectDetection``).
 
+Padded images (``config.keep_aspect_ratio``, the default)
+    The original Grounding-DINO keeps the aspect ratio (shortest side 800, longest at most 1333), so
+    the processor zero-pads a batch at the bottom and right and sends ``pixel_mask`` (1 on the
+    image). The tower honours the mask by cutting each image out of its padding and running the
+    images of one size together, unpadded: exactly what the original computes for one image (its
+    ``predict`` runs one unpadded image). Running the padded batch with the mask instead would not
+    be: ``GroundingDinoModel`` masks padding out of the position embeddings and the deformable
+    attention, but the Swin backbone's shifted windows and patch merging see it, so an image's
+    features would change with the size of its batch-mates (see the model card), and cached
+    features would depend on how images were batched.
+    In encoder mode the level map of each image is then resampled to ``self.grid`` -- area pooling
+    where it shrinks, bilinear where it grows -- so that its tokens cover the whole image, as the
+    square experts' grids do. The Astrea model sets ``grid`` to its token grid (24x24 at paper
+    scale), so the map goes there in one step.
+
 Grid (encoder mode)
     Level sizes follow from the config: the Swin patch embedding gives ``ceil(S / patch_size)``
     (it pads), every Swin stage after the first halves with ceil (patch merging pads odd sizes),
     the backbone returns the stages in ``out_indices``, and each extra level
     (``num_feature_levels`` beyond the backbone outputs) is a 3x3 stride-2 convolution, again
-    ``ceil(h / 2)``. At 800 px with Swin-B: 100, 50, 25 and 13; the paper presets take level 1
-    (stride 16, 50x50), the stride of the SAM2 and SigLIP grids. Every forward checks these sizes
-    against the spatial shapes the model really used.
+    ``ceil(h / 2)``, for height and width alike. At 800x800 with Swin-B: 100, 50, 25 and 13; the
+    paper presets take level 1 (stride 16, 50x50 for a square image), the stride of the SAM2 and
+    SigLIP grids. Every forward checks these sizes against the spatial shapes the model really used.
 
     The whole model runs in encoder mode, decoder included: skipping the decoder (about 4% of the
     FLOPs at 800 px) would need a copy of ``GroundingDinoModel.forward``'s input preparation.
@@ -66,6 +81,7 @@ from torch import nn
 from transformers import GroundingDinoForObjectDetection, GroundingDinoModel, PreTrainedModel
 from transformers.models.grounding_dino.modeling_grounding_dino import GroundingDinoMLPPredictionHead
 
+from .projector import resample_grid
 from .towers import ExpertTower, _named_non_persistent_buffers, fit_attn_implementation, load_into, register_tower
 
 #: Keys of the detection head that sits outside ``GroundingDinoModel`` (``class_embed`` has no
@@ -73,8 +89,8 @@ from .towers import ExpertTower, _named_non_persistent_buffers, fit_attn_impleme
 _HEAD_KEY = re.compile(r"^(model\.)?(decoder\.)?(bbox_embed|class_embed)\.")
 
 
-def grounding_dino_level_shapes(tower_config, image_size: int) -> list[tuple[int, int]]:
-    """``(h, w)`` of every encoder pyramid level for a square ``image_size`` input (see module docstring)."""
+def grounding_dino_level_shapes(tower_config, image_size: int | tuple[int, int]) -> list[tuple[int, int]]:
+    """``(h, w)`` of every encoder pyramid level for an input of ``image_size`` (a square side or ``(height, width)``)."""
     backbone = tower_config.backbone_config
     if backbone.model_type != "swin":
         raise ValueError(
@@ -83,13 +99,35 @@ def grounding_dino_level_shapes(tower_config, image_size: int) -> list[tuple[int
         )
     patch = backbone.patch_size
     patch = patch[0] if isinstance(patch, (list, tuple)) else patch
-    stage_side = {1: math.ceil(image_size / patch)}
-    for stage in range(2, len(backbone.depths) + 1):
-        stage_side[stage] = math.ceil(stage_side[stage - 1] / 2)
-    sides = [stage_side[index] for index in backbone.out_indices]
-    for _ in range(tower_config.num_feature_levels - len(sides)):
-        sides.append(math.ceil(sides[-1] / 2))  # 3x3 conv, stride 2, padding 1
-    return [(side, side) for side in sides]
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+
+    def sides(length: int) -> list[int]:
+        stage_side = {1: math.ceil(length / patch)}
+        for stage in range(2, len(backbone.depths) + 1):
+            stage_side[stage] = math.ceil(stage_side[stage - 1] / 2)
+        out = [stage_side[index] for index in backbone.out_indices]
+        for _ in range(tower_config.num_feature_levels - len(out)):
+            out.append(math.ceil(out[-1] / 2))  # 3x3 conv, stride 2, padding 1
+        return out
+
+    return list(zip(sides(height), sides(width)))
+
+
+def image_sizes_from_mask(pixel_mask: torch.Tensor) -> list[tuple[int, int]]:
+    """``(height, width)`` of each image in a bottom/right zero-padded batch, from its 1/0 mask.
+
+    Raises ``ValueError`` unless every mask is 1 on exactly a non-empty top-left rectangle.
+    """
+    mask = pixel_mask.bool()
+    heights, widths = mask[:, :, 0].sum(1), mask[:, 0, :].sum(1)
+    rows = torch.arange(mask.shape[1], device=mask.device)[None, :, None] < heights[:, None, None]
+    cols = torch.arange(mask.shape[2], device=mask.device)[None, None, :] < widths[:, None, None]
+    if not bool((mask == (rows & cols)).all()) or bool((heights == 0).any()):
+        raise ValueError(
+            "grounding_dino tower: each pixel_mask must be 1 on the image, a non-empty rectangle at the top left, "
+            "and 0 on the padding at the bottom and right (as AstreaProcessor pads)"
+        )
+    return list(zip(heights.tolist(), widths.tolist()))
 
 
 def attach_box_head(model: GroundingDinoModel) -> None:
@@ -217,19 +255,41 @@ class GroundingDinoTower(ExpertTower):
             handle.remove()
         return out, seen["shapes"]
 
-    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if pixel_mask is None:
+            return self._encode_unpadded(pixel_values)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, size in enumerate(image_sizes_from_mask(pixel_mask)):
+            groups.setdefault(size, []).append(index)
+        if len(groups) == 1 and next(iter(groups)) == tuple(pixel_values.shape[-2:]):
+            return self._encode_unpadded(pixel_values)
+        tokens: torch.Tensor | None = None
+        for (height, width), indices in groups.items():
+            group = self._encode_unpadded(pixel_values[indices, :, :height, :width])
+            if tokens is None:
+                tokens = group.new_empty((pixel_values.shape[0], *group.shape[1:]))
+            tokens[indices] = group
+        return tokens
+
+    def _encode_unpadded(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out, shapes = self._run(pixel_values)
-        if self.level_shapes is not None and shapes != self.level_shapes:
-            raise RuntimeError(
-                f"grounding_dino tower: the encoder ran on pyramid levels {shapes}, but the config implies "
-                f"{self.level_shapes}"
-            )
+        if self.level_shapes is not None:
+            expected = grounding_dino_level_shapes(self.config.tower_config, tuple(pixel_values.shape[-2:]))
+            if shapes != expected:
+                raise RuntimeError(
+                    f"grounding_dino tower: the encoder ran on pyramid levels {shapes}, but the config implies {expected}"
+                )
         if self.config.token_source == "queries":
             return self._query_tokens(out)
         level = self.config.feature_level
         start = sum(h * w for h, w in shapes[:level])
         h, w = shapes[level]
-        return out.encoder_last_hidden_state_vision[:, start : start + h * w]
+        tokens = out.encoder_last_hidden_state_vision[:, start : start + h * w]
+        if (h, w) == tuple(self.grid):
+            return tokens
+        # Another size than the token grid (an aspect-preserving input): resample the level map.
+        feature_map = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+        return resample_grid(feature_map, self.grid).flatten(2).transpose(1, 2)
 
     def _query_tokens(self, out) -> torch.Tensor:
         queries = out.last_hidden_state  # (B, Q, d), layer-normed like the heads' input
@@ -288,4 +348,4 @@ class GroundingDinoTower(ExpertTower):
         self.freeze_if_configured()
 
 
-__all__ = ["GroundingDinoTower", "grounding_dino_level_shapes", "attach_box_head"]
+__all__ = ["GroundingDinoTower", "grounding_dino_level_shapes", "attach_box_head", "image_sizes_from_mask"]

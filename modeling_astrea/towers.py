@@ -61,7 +61,9 @@ class ExpertTower(nn.Module, abc.ABC):
 
     Subclasses set ``self.out_dim`` (D_i) and ``self.grid`` (the ``(h, w)`` token grid for a square
     input of ``config.image_size``, or ``None`` for tokens without a grid) and implement
-    :meth:`encode` and :meth:`load_pretrained`.
+    :meth:`encode` and :meth:`load_pretrained`. A tower that reads aspect-preserving, padded images
+    (``config.keep_aspect_ratio``) resamples each image's own region to ``self.grid``, which the
+    Astrea model sets to its token grid.
     """
 
     kind: str = ""
@@ -75,7 +77,10 @@ class ExpertTower(nn.Module, abc.ABC):
     # ------------------------------------------------------------------ interface
     @abc.abstractmethod
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Return tokens ``(B, N_i, D_i)`` for normalised pixels ``(B, 3, S, S)``."""
+        """Return tokens ``(B, N_i, D_i)`` for normalised pixels ``(B, 3, S, S)``.
+
+        A tower with ``config.keep_aspect_ratio`` gets ``encode(pixel_values, pixel_mask)`` instead.
+        """
 
     @abc.abstractmethod
     def load_pretrained(self, source: str, **hub_kwargs) -> None:
@@ -89,22 +94,48 @@ class ExpertTower(nn.Module, abc.ABC):
         return self.config.tower_config.num_queries
 
     # ------------------------------------------------------------------ behaviour
-    def _check_pixels(self, pixel_values: torch.Tensor) -> None:
-        size = self.config.image_size
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[-2:]) != (size, size):
-            raise ValueError(
-                f"the {self.kind} tower expects pixel_values of shape (batch, 3, {size}, {size}), got "
-                f"{tuple(pixel_values.shape)}; preprocess images with AstreaProcessor"
-            )
+    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens ``(B, N_i, D_i)`` on ``self.grid``.
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        self._check_pixels(pixel_values)
-        dtype = self.input_dtype
-        self._match_buffer_dtype(dtype)
+        Square towers take ``(B, 3, S, S)`` with ``S = config.image_size``. A tower with
+        ``config.keep_aspect_ratio`` (Grounding-DINO) takes a zero-padded batch ``(B, 3, H, W)``
+        and its ``pixel_mask`` ``(B, H, W)`` (1 on the image, 0 on the padding; ``None``: no padding).
+        """
+        args = self._encode_args(pixel_values, pixel_mask)
         if self.config.frozen:
             with torch.no_grad():
-                return self.encode(pixel_values.to(dtype))
-        return self.encode(pixel_values.to(dtype))
+                return self.encode(*args)
+        return self.encode(*args)
+
+    def _encode_args(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> tuple:
+        """Checked pixels in the tower's dtype (plus the mask for an aspect-preserving tower)."""
+        self._check_pixels(pixel_values, pixel_mask)
+        dtype = self.input_dtype
+        self._match_buffer_dtype(dtype)
+        return (pixel_values.to(dtype),) + ((pixel_mask,) if self.config.keep_aspect_ratio else ())
+
+    def _check_pixels(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> None:
+        config = self.config
+        size = config.image_size
+        if not config.keep_aspect_ratio:
+            if pixel_values.dim() != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[-2:]) != (size, size):
+                raise ValueError(
+                    f"the {self.kind} tower expects pixel_values of shape (batch, 3, {size}, {size}), got "
+                    f"{tuple(pixel_values.shape)}; preprocess images with AstreaProcessor"
+                )
+            if pixel_mask is not None:
+                raise ValueError(f"the {self.kind} tower reads unpadded {size}x{size} squares and takes no pixel mask")
+            return
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3 or min(pixel_values.shape[-2:]) < 1:
+            raise ValueError(
+                f"the {self.kind} tower expects pixel_values of shape (batch, 3, height, width) (shortest side {size}, "
+                f"aspect ratio kept, padded), got {tuple(pixel_values.shape)}; preprocess images with AstreaProcessor"
+            )
+        if pixel_mask is not None and tuple(pixel_mask.shape) != (pixel_values.shape[0], *pixel_values.shape[-2:]):
+            raise ValueError(
+                f"the {self.kind} tower's pixel_mask must be (batch, height, width) = "
+                f"{(pixel_values.shape[0], *pixel_values.shape[-2:])} like its pixel_values, got {tuple(pixel_mask.shape)}"
+            )
 
     def _match_buffer_dtype(self, dtype: torch.dtype) -> None:
         """Give float buffers (attention masks, position tables) the parameters' dtype.
@@ -117,20 +148,23 @@ class ExpertTower(nn.Module, abc.ABC):
                 if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
                     module._buffers[name] = buffer.to(dtype)
 
-    def forward_with_states(self, pixel_values: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, dict]:
+    def forward_with_states(
+        self, pixel_values: torch.Tensor, output_attentions: bool = False, pixel_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict]:
         """:meth:`forward` plus the tower's per-layer ``{"hidden_states", "attentions"}`` (``None`` where
         the tower does not report them; :meth:`encode_with_states` says which)."""
-        self._check_pixels(pixel_values)
-        dtype = self.input_dtype
-        self._match_buffer_dtype(dtype)
+        pixels, *mask = self._encode_args(pixel_values, pixel_mask)
         if self.config.frozen:
             with torch.no_grad():
-                return self.encode_with_states(pixel_values.to(dtype), output_attentions)
-        return self.encode_with_states(pixel_values.to(dtype), output_attentions)
+                return self.encode_with_states(pixels, output_attentions, *mask)
+        return self.encode_with_states(pixels, output_attentions, *mask)
 
-    def encode_with_states(self, pixel_values: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, dict]:
-        """:meth:`encode` plus per-layer states; towers that cannot report them return ``None`` for both."""
-        return self.encode(pixel_values), {"hidden_states": None, "attentions": None}
+    def encode_with_states(self, pixel_values: torch.Tensor, output_attentions: bool = False, *pixel_mask) -> tuple[torch.Tensor, dict]:
+        """:meth:`encode` plus per-layer states; towers that cannot report them return ``None`` for both.
+
+        An aspect-preserving tower also gets its ``pixel_mask`` (as in :meth:`encode`).
+        """
+        return self.encode(pixel_values, *pixel_mask), {"hidden_states": None, "attentions": None}
 
     @property
     def input_dtype(self) -> torch.dtype:

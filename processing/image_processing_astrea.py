@@ -1,9 +1,21 @@
 """Image preparation for Astrea: one set of pixels per expert tower.
 
-Every expert reads its own resolution and normalisation (SigLIP 384 px with mean/std 0.5; RAM++
-384 px, Grounding-DINO 800 px and SAM2 1024 px with ImageNet statistics in the paper presets), so
-:class:`AstreaImageProcessor` holds one :class:`ExpertImageSpec` per expert and returns one tensor
-per expert, ``pixel_values_<role>``, each ``(n_views, 3, S_role, S_role)``.
+Every expert reads the pixels its original was trained on, so :class:`AstreaImageProcessor` holds
+one :class:`ExpertImageSpec` per expert (size, normalisation, resampling filter, what is resized,
+aspect policy) and returns one tensor per expert, ``pixel_values_<role>``. The paper presets
+follow each released model's own transform (the model card's "Preprocessing" table):
+
+* SigLIP: 384x384 square, bicubic on the 8-bit image, mean/std 0.5 (its ``preprocessor_config.json``);
+* RAM++: 384x384 square, bilinear on the 8-bit image, ImageNet statistics (``ram.transform``);
+* Grounding-DINO: aspect ratio kept, shortest side 800 and longest at most 1333, bilinear on the
+  8-bit image, ImageNet statistics (its ``load_image``); images of a batch are zero-padded at the
+  bottom and right to the largest one and ``pixel_mask_<role>`` (1 = image, 0 = padding) says
+  where, as DETR-style models batch them;
+* SAM2: 1024x1024 square, bilinear with antialiasing on the [0, 1] float image (``ToTensor`` then
+  ``Resize``), ImageNet statistics (``SAM2Transforms``).
+
+Squares are ``(n_views, 3, S, S)``; aspect-preserving experts give ``(n_views, 3, H, W)`` with
+``H, W`` the largest resized sides of the call's views.
 
 transformers' ``ProcessorMixin`` loads exactly one image processor through ``AutoImageProcessor``
 (further ones only by class names it finds in its own registries, which remote code is not in), so
@@ -12,12 +24,11 @@ attributes.
 
 Views
     Each input image becomes one or more *views*; each view becomes ``num_visual_tokens`` tokens.
-    Without tiling an image is one view, resized to each expert's square input without keeping its
-    aspect ratio (LLaVA-1.5 pads to a square instead; squashing keeps every pixel of the image). With
-    ``image_grid_pinpoints`` (LLaVA-NeXT "AnyRes"), an image becomes the whole image plus the tiles
-    of the pinpoint resolution that keeps most of its pixels: the image is resized to fit that
-    resolution keeping its aspect ratio, padded, and cut into ``tile_size`` squares. A video is a
-    list of frames; ``num_frames`` of them are sampled uniformly and each frame is one view.
+    Without tiling an image is one view. With ``image_grid_pinpoints`` (LLaVA-NeXT "AnyRes"), an
+    image becomes the whole image plus the tiles of the pinpoint resolution that keeps most of its
+    pixels: the image is resized to fit that resolution keeping its aspect ratio, padded, and cut
+    into ``tile_size`` squares. A video is a list of frames; ``num_frames`` of them are sampled
+    uniformly and each frame is one view.
 
 Inputs
     PIL images of any mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...), numpy arrays and torch tensors
@@ -27,10 +38,11 @@ Inputs
 
 Options (transformers' ``ImagesKwargs``, at construction or per call; a call's value wins)
     ``do_rescale`` / ``rescale_factor`` (8-bit values to [0, 1]: ``1/255``), ``do_normalize``,
-    ``image_mean`` / ``image_std``, ``size`` (a square side, or ``{"height": s, "width": s}``) and
+    ``image_mean`` / ``image_std``, ``size`` (a square side, or ``{"height": s, "width": s}``; for an
+    aspect-preserving expert the shortest side, its longest-side cap scaled with it) and
     ``resample``. The last four default to each expert's own value; given, they apply to every expert.
-    Options a square per-expert pipeline cannot honour (cropping, padding, no resize, channels last
-    out) raise instead of being ignored.
+    Options a per-expert pipeline cannot honour (cropping, padding on request, no resize, channels
+    last out) raise instead of being ignored.
 """
 
 from __future__ import annotations
@@ -43,31 +55,108 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
 _RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
+_RESIZE_ON = ("pil", "tensor")
 
 
 @dataclass
 class ExpertImageSpec:
-    """How one expert wants its pixels: square side, per-channel mean/std and resampling filter."""
+    """How one expert wants its pixels (see the module docstring).
+
+    ``size`` is the square side, or with ``keep_aspect_ratio`` the shortest side (the longest then
+    at most ``max_size``). ``resize_on="pil"`` resizes the 8-bit image with PIL's ``resample``
+    filter; ``"tensor"`` resizes the [0, 1] float image with torch's antialiased ``resample``.
+    """
 
     size: int
     image_mean: list[float]
     image_std: list[float]
     resample: str = "bicubic"
+    resize_on: str = "pil"
+    keep_aspect_ratio: bool = False
+    max_size: int | None = None
 
     @classmethod
     def from_expert_config(cls, expert) -> "ExpertImageSpec":
-        return cls(size=expert.image_size, image_mean=list(expert.image_mean), image_std=list(expert.image_std),
-                   resample=_KIND_RESAMPLE.get(expert.kind, "bicubic"))
+        return cls(
+            size=expert.image_size,
+            image_mean=list(expert.image_mean),
+            image_std=list(expert.image_std),
+            resample=expert.resample,
+            resize_on=expert.resize_on,
+            keep_aspect_ratio=bool(expert.keep_aspect_ratio),
+            max_size=expert.longest_side,
+        )
 
 
-# The filter each released tower was trained with: SigLIP's processor resizes bicubic; Grounding-DINO's
-# and SAM 2's processors and RAM++'s transform (torchvision's Resize default) resize bilinear.
-_KIND_RESAMPLE = {"siglip": "bicubic", "ram_plus": "bilinear", "grounding_dino": "bilinear", "sam2": "bilinear"}
+def aspect_preserving_size(height: int, width: int, size: int, max_size: int | None = None) -> tuple[int, int]:
+    """``(height, width)`` with the shortest side ``size`` and the longest at most ``max_size``.
+
+    Grounding-DINO's (and DETR's) rule: when the longest side would pass ``max_size``, the shortest
+    side becomes ``round(max_size * short / long)`` instead; the other side is truncated to an int.
+    As in the original, that rounding can leave the longest side a few pixels above ``max_size``
+    (a 20x64 image at 32/53 becomes 17x54).
+    """
+    short, long = min(height, width), max(height, width)
+    if max_size is not None and long / short * size > max_size:
+        size = int(round(max_size * short / long))
+    if short == size:
+        return height, width
+    if width < height:
+        return int(size * height / width), size
+    return size, int(size * width / height)
+
+
+def resize_and_normalize(view: Image.Image, spec: dict, rescale_factor: float | None = 1 / 255, normalize: bool = True) -> np.ndarray:
+    """One RGB view -> ``(3, h, w)`` float32 pixels for the expert ``spec``.
+
+    ``rescale_factor`` multiplies the 8-bit values (``None``: left at 0-255; the default divides
+    by 255, the arithmetic of earlier releases bit for bit); ``normalize`` applies the spec's mean
+    and std. A ``"tensor"`` expert rescales before its resize, as ``ToTensor`` then ``Resize`` does.
+    """
+    if spec["keep_aspect_ratio"]:
+        height, width = aspect_preserving_size(view.height, view.width, spec["size"], spec["max_size"])
+    else:
+        height = width = spec["size"]
+
+    def rescale(values):
+        if rescale_factor is None:
+            return values
+        if rescale_factor == 1 / 255:
+            return values / 255.0
+        return values * (float(np.float32(rescale_factor)) if isinstance(values, torch.Tensor) else np.float32(rescale_factor))
+
+    if spec["resize_on"] == "tensor":
+        pixels = rescale(torch.from_numpy(np.asarray(view, dtype=np.uint8).copy()).permute(2, 0, 1).float())
+        if (height, width) != (view.height, view.width):
+            pixels = F.interpolate(pixels[None], size=(height, width), mode=spec["resample"], align_corners=False, antialias=True)[0]
+        pixels = pixels.numpy()
+    else:
+        if (height, width) != (view.height, view.width):
+            view = view.resize((width, height), _RESAMPLE[spec["resample"]])
+        pixels = rescale(np.asarray(view, dtype=np.float32)).transpose(2, 0, 1)
+    if not normalize:
+        return np.ascontiguousarray(pixels, dtype=np.float32)
+    mean = np.asarray(spec["image_mean"], dtype=np.float32)[:, None, None]
+    std = np.asarray(spec["image_std"], dtype=np.float32)[:, None, None]
+    return (pixels - mean) / std
+
+
+def pad_bottom_right(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-pad ``(3, h_i, w_i)`` arrays to the largest ``h`` and ``w`` -> pixels and a 1/0 mask."""
+    height = max(a.shape[1] for a in arrays)
+    width = max(a.shape[2] for a in arrays)
+    pixels = np.zeros((len(arrays), 3, height, width), dtype=np.float32)
+    mask = np.zeros((len(arrays), height, width), dtype=np.int64)
+    for index, array in enumerate(arrays):
+        pixels[index, :, : array.shape[1], : array.shape[2]] = array
+        mask[index, : array.shape[1], : array.shape[2]] = 1
+    return pixels, mask
 
 
 # ---------------------------------------------------------------------------------- inputs
@@ -299,8 +388,9 @@ class AstreaImageProcessor(BaseImageProcessor):
 
     Args:
         experts (`dict[str, dict]`):
-            Role -> ``{"size", "image_mean", "image_std", "resample"}`` for every expert, in the
-            model's ``expert_order`` (build it with :meth:`from_model_config`).
+            Role -> the fields of an :class:`ExpertImageSpec` (``size``, ``image_mean``,
+            ``image_std``, ``resample``, ``resize_on``, ``keep_aspect_ratio``, ``max_size``) for
+            every expert, in the model's ``expert_order`` (build it with :meth:`from_model_config`).
         image_grid_pinpoints (`list[list[int]]`, *optional*):
             AnyRes candidate resolutions ``[height, width]``, multiples of ``tile_size``; ``None``
             disables tiling (one view per image).
@@ -339,6 +429,15 @@ class AstreaImageProcessor(BaseImageProcessor):
         for role, spec in self.experts.items():
             if spec["resample"] not in _RESAMPLE:
                 raise ValueError(f"experts[{role!r}].resample={spec['resample']!r}: choose one of {sorted(_RESAMPLE)}")
+            if spec["resize_on"] not in _RESIZE_ON:
+                raise ValueError(f"experts[{role!r}].resize_on={spec['resize_on']!r}: choose one of {list(_RESIZE_ON)}")
+            if spec["resize_on"] == "tensor" and spec["resample"] not in ("bilinear", "bicubic"):
+                raise ValueError(f"experts[{role!r}]: an antialiased tensor resize is bilinear or bicubic, not {spec['resample']!r}")
+            if spec["max_size"] is not None and (not spec["keep_aspect_ratio"] or spec["max_size"] < spec["size"]):
+                raise ValueError(
+                    f"experts[{role!r}].max_size={spec['max_size']!r} is the longest side of an aspect-preserving resize: "
+                    f"set keep_aspect_ratio=True and max_size >= size ({spec['size']})"
+                )
         if image_grid_pinpoints is not None:
             bad = [p for p in image_grid_pinpoints if len(p) != 2 or p[0] % tile_size or p[1] % tile_size]
             if bad:
@@ -347,7 +446,9 @@ class AstreaImageProcessor(BaseImageProcessor):
         self.tile_size = tile_size
         self.num_frames = num_frames
         self.max_image_pixels = max_image_pixels
-        self.model_input_names = [f"pixel_values_{role}" for role in self.experts]
+        self.model_input_names = [f"pixel_values_{role}" for role in self.experts] + [
+            f"pixel_mask_{role}" for role, spec in self.experts.items() if spec["keep_aspect_ratio"]
+        ]
 
     @classmethod
     def from_model_config(cls, config, **kwargs) -> "AstreaImageProcessor":
@@ -405,10 +506,10 @@ class AstreaImageProcessor(BaseImageProcessor):
         }
         for key, value in refused.items():
             if options.get(key) is value:
-                raise ValueError(f"AstreaImageProcessor: {key}={value} is not supported; each expert reads RGB pixels resized to its own square")
+                raise ValueError(f"AstreaImageProcessor: {key}={value} is not supported; each expert reads RGB pixels resized to its own size (and padded only where its original pads)")
         for key in ("crop_size", "pad_size"):
             if options.get(key) is not None:
-                raise ValueError(f"AstreaImageProcessor: {key} is not supported; each expert reads pixels resized to its own square")
+                raise ValueError(f"AstreaImageProcessor: {key} is not supported; each expert reads pixels resized to its own size")
         data_format = getattr(options.get("data_format"), "value", options.get("data_format"))
         if data_format not in (None, "channels_first"):
             raise ValueError(f"AstreaImageProcessor: data_format={data_format!r}; the towers read channels-first pixels")
@@ -430,10 +531,13 @@ class AstreaImageProcessor(BaseImageProcessor):
         return resolved
 
     def pixels_for_views(self, views: list[Image.Image], return_tensors: str | None = "pt", roles=None, **options) -> BatchFeature:
-        """Resize and normalise views for every expert -> ``pixel_values_<role>`` ``(n_views, 3, S, S)``.
+        """Resize and normalise views for every expert -> ``pixel_values_<role>`` (and ``pixel_mask_<role>``).
 
-        ``roles`` (default: every expert) limits the output to those experts' pixels; ``options``
-        are the call's ImagesKwargs (see the module docstring).
+        Square experts give ``(n_views, 3, S, S)``. Aspect-preserving experts give the views
+        zero-padded at the bottom and right to the largest resized height and width of the call,
+        ``(n_views, 3, H, W)``, and ``pixel_mask_<role>`` ``(n_views, H, W)``: 1 on the image, 0 on
+        the padding. ``roles`` (default: every expert) limits the output to those experts' pixels;
+        ``options`` are the call's ImagesKwargs (see the module docstring).
         """
         if roles is not None:
             unknown = sorted(set(roles) - set(self.experts))
@@ -445,20 +549,24 @@ class AstreaImageProcessor(BaseImageProcessor):
             if roles is not None and role not in roles:
                 continue
             spec = {**spec, **{key: options[key] for key in ("size", "image_mean", "image_std", "resample") if options[key] is not None}}
-            size, resample = spec["size"], _RESAMPLE[spec["resample"]]
-            mean = np.asarray(spec["image_mean"], dtype=np.float32)
-            std = np.asarray(spec["image_std"], dtype=np.float32)
-            arrays = []
-            for view in views:
-                pixels = np.asarray(view.resize((size, size), resample), dtype=np.float32)
-                if options["do_rescale"]:
-                    # Dividing by 255 for the default factor is the arithmetic of earlier releases, bit for bit.
-                    factor = options["rescale_factor"]
-                    pixels = pixels / 255.0 if factor == 1 / 255 else pixels * np.float32(factor)
-                if options["do_normalize"]:
-                    pixels = (pixels - mean) / std
-                arrays.append(pixels.transpose(2, 0, 1))
-            data[f"pixel_values_{role}"] = np.stack(arrays) if arrays else np.zeros((0, 3, size, size), np.float32)
+            if options["size"] is not None and spec["max_size"] is not None:
+                # A new shortest side scales the longest-side cap with it (1333 / 800 for Grounding-DINO).
+                spec["max_size"] = max(options["size"], self.experts[role]["max_size"] * options["size"] // self.experts[role]["size"])
+            if spec["resize_on"] == "tensor" and spec["resample"] not in ("bilinear", "bicubic"):
+                raise ValueError(
+                    f"AstreaImageProcessor: resample={spec['resample']!r} for the {role} expert, which resizes the float image "
+                    f"with antialiasing (resize_on='tensor'): use 'bilinear' or 'bicubic'"
+                )
+            rescale = options["rescale_factor"] if options["do_rescale"] else None
+            arrays = [resize_and_normalize(view, spec, rescale, options["do_normalize"]) for view in views]
+            size = spec["size"]
+            if not spec["keep_aspect_ratio"]:
+                data[f"pixel_values_{role}"] = np.stack(arrays) if arrays else np.zeros((0, 3, size, size), np.float32)
+            elif arrays:
+                data[f"pixel_values_{role}"], data[f"pixel_mask_{role}"] = pad_bottom_right(arrays)
+            else:
+                data[f"pixel_values_{role}"] = np.zeros((0, 3, size, size), np.float32)
+                data[f"pixel_mask_{role}"] = np.zeros((0, size, size), np.int64)
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def preprocess(self, images, return_tensors: str | None = "pt", input_data_format=None, **options) -> BatchFeature:
@@ -512,4 +620,4 @@ def flatten_videos(videos) -> list:
     raise TypeError(f"unsupported video input {type(videos).__name__}")
 
 
-__all__ = ["AstreaImageProcessor", "ExpertImageSpec", "select_best_resolution", "to_pil_rgb"]
+__all__ = ["AstreaImageProcessor", "ExpertImageSpec", "aspect_preserving_size", "resize_and_normalize", "select_best_resolution", "to_pil_rgb"]

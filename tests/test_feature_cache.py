@@ -58,7 +58,7 @@ def _count_tower_calls(model) -> tuple[dict[str, int], list]:
 
 def _text_inputs(processor, images):
     inputs = processor(images=images, text=[f"<image> describe {i}" for i in range(len(images))], return_tensors="pt")
-    return inputs, {k: v for k, v in inputs.items() if not k.startswith("pixel_values_")}
+    return inputs, {k: v for k, v in inputs.items() if not k.startswith(("pixel_values_", "pixel_mask_"))}
 
 
 # --------------------------------------------------------------------------------- equality

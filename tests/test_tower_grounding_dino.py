@@ -182,10 +182,18 @@ def test_frozen_tower_has_no_grad_and_stays_in_eval(config):
     assert not tower(_pixels(1)).requires_grad
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 32, 31), (2, 4, 32, 32), (3, 32, 32)])
+@pytest.mark.parametrize("shape", [(2, 3, 32, 0), (2, 4, 32, 32), (3, 32, 32)])
 def test_wrong_input_shape_raises(config, shape):
     with pytest.raises(ValueError, match="expects pixel_values of shape"):
         GroundingDinoTower(config)(torch.zeros(shape))
+
+
+def test_square_policy_refuses_other_shapes_and_masks(config):
+    square = GroundingDinoTower(_with(config, keep_aspect_ratio=False))
+    with pytest.raises(ValueError, match=r"expects pixel_values of shape \(batch, 3, 32, 32\)"):
+        square(torch.zeros(2, 3, 32, 31))
+    with pytest.raises(ValueError, match="takes no pixel mask"):
+        square(torch.zeros(2, 3, 32, 32), torch.ones(2, 32, 32, dtype=torch.long))
 
 
 def test_queries_are_sorted_by_score_with_boxes_in_unit_square(queries_config):

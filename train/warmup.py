@@ -144,12 +144,13 @@ def warm_up_towers(model, processor, scenes: Sequence, steps: int | Mapping[str,
         start = time.perf_counter()
         tower = backbone.towers[role]
         targets = torch.stack([warmup_targets(scene, role, side) for scene in scenes])
-        pixels = image_processor(images, return_tensors="pt")[f"pixel_values_{role}"]
+        processed = image_processor(images, return_tensors="pt")
+        pixels, masks = processed[f"pixel_values_{role}"], processed.get(f"pixel_mask_{role}")
         if pixels.shape[0] != len(scenes):
             raise ValueError(f"warm-up expects one view per image; the {role} processor gives {pixels.shape[0]} for {len(scenes)}")
         torch.manual_seed(seed)
         with torch.no_grad():
-            width = backbone.get_tower_tokens(role, pixels[:1]).shape[-1]
+            width = backbone.get_tower_tokens(role, pixels[:1], None if masks is None else masks[:1]).shape[-1]
         probe = _Probe(role, width)
         frozen = tower.config.frozen
         tower.config.frozen = False  # a frozen tower runs under no_grad; let this one learn for now
@@ -161,7 +162,8 @@ def warm_up_towers(model, processor, scenes: Sequence, steps: int | Mapping[str,
             losses = []
             for _ in tqdm(range(per_role[role]), desc=f"warm-up tower [{role}]", disable=not progress, leave=False):
                 index = torch.randint(len(scenes), (min(batch_size, len(scenes)),), generator=generator)
-                loss = probe.loss(probe(backbone.get_tower_tokens(role, pixels[index])), targets[index])
+                tokens = backbone.get_tower_tokens(role, pixels[index], None if masks is None else masks[index])
+                loss = probe.loss(probe(tokens), targets[index])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

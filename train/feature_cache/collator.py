@@ -123,6 +123,7 @@ class CachedFeatureCollator:
         for (role, kind), key in self._current_keys().items():
             features = self.cache.lookup_hashes(key, hashes, names)
             pixels = batch.pop(f"pixel_values_{role}", None)
+            batch.pop(f"pixel_mask_{role}", None)
             n_views = pixels.shape[0] if pixels is not None else views
             if n_views is not None and n_views != features.shape[0]:
                 raise ValueError(

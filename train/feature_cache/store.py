@@ -472,10 +472,11 @@ class FeatureCache:
             restricted = copy.copy(image_processor)  # pixels of this expert only, by the processor's own code
             restricted.experts = {role: image_processor.experts[role]}
             views = [restricted.image_views(todo[d]) for d in compute]
-            pixels = restricted.pixels_for_views([v for item in views for v in item])[f"pixel_values_{role}"]
+            batch = restricted.pixels_for_views([v for item in views for v in item])
+            pixels, mask = batch[f"pixel_values_{role}"], batch.get(f"pixel_mask_{role}")
             tower = backbone.towers[role]
             device = next(tower.parameters(), torch.empty(0)).device
-            tokens = backbone.get_tower_tokens(role, pixels.to(device))
+            tokens = backbone.get_tower_tokens(role, pixels.to(device), None if mask is None else mask.to(device))
             tokens_by_digest.update(zip(compute, tokens.split([len(v) for v in views])))
         out = {}
         digests = list(todo)

@@ -100,11 +100,11 @@ def aspect_preserving_size(height: int, width: int, size: int, max_size: int | N
     Grounding-DINO's (and DETR's) rule: when the longest side would pass ``max_size``, the shortest
     side becomes ``round(max_size * short / long)`` instead; the other side is truncated to an int.
     As in the original, that rounding can leave the longest side a few pixels above ``max_size``
-    (a 20x64 image at 32/53 becomes 17x54).
+    (a 20x64 image at 32/53 becomes 17x54) or well below it (5x59 becomes 4x47).
     """
     short, long = min(height, width), max(height, width)
     if max_size is not None and long / short * size > max_size:
-        size = int(round(max_size * short / long))
+        size = max(1, int(round(max_size * short / long)))  # at least 1 pixel (the original fails below 1)
     if short == size:
         return height, width
     if width < height:

@@ -53,7 +53,16 @@ def _check_pixels(batch, n_views: int) -> None:
     for role, spec in PROCESSOR.image_processor.experts.items():
         pixels = batch[f"pixel_values_{role}"]
         assert isinstance(pixels, torch.Tensor) and pixels.dtype == torch.float32
-        assert tuple(pixels.shape) == (n_views, 3, spec["size"], spec["size"]), role
+        if spec["keep_aspect_ratio"]:  # padded at the bottom and right; the mask marks each view's resized image
+            mask = batch[f"pixel_mask_{role}"]
+            assert pixels.shape[:2] == (n_views, 3) and tuple(mask.shape) == (n_views, *pixels.shape[2:]), role
+            for view_pixels, view_mask in zip(pixels, mask.bool()):
+                height, width = int(view_mask[:, 0].sum()), int(view_mask[0, :].sum())
+                assert bool(view_mask[:height, :width].all()) and int(view_mask.sum()) == height * width, role
+                assert 1 <= min(height, width) <= spec["size"], (role, height, width)  # exact sizes: test_preprocessing_fidelity
+                assert not bool(view_pixels[:, ~view_mask].any()), role  # zero padding
+        else:
+            assert tuple(pixels.shape) == (n_views, 3, spec["size"], spec["size"]), role
         assert torch.isfinite(pixels).all()
         mean = torch.tensor(spec["image_mean"]).view(1, 3, 1, 1)
         std = torch.tensor(spec["image_std"]).view(1, 3, 1, 1)

@@ -195,6 +195,12 @@ def test_aspect_preserving_size_is_grounding_dinos_rule(height, width, expected)
     assert _grounding_dino_size(width, height, 800, 1333) == expected
 
 
+def test_aspect_preserving_size_keeps_at_least_one_pixel():
+    # The original rounds the shortest side of a 500x1 image at 32/53 to 0 and fails; here it stays 1.
+    assert aspect_preserving_size(500, 1, 32, 53) == (500, 1)
+    assert aspect_preserving_size(1, 500, 32, 53) == (1, 500)
+
+
 # ----------------------------------------------------------------- the tower honours the mask
 @pytest.fixture(scope="module")
 def tiny():

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .lora import parse_lora
 from .sharding import MODES
 from .stages import ALIGN_GROUPS, INSTRUCT_GROUPS, STAGES, normalise_order
 
@@ -52,9 +53,20 @@ class Recipe:
     save_steps: int = 50
     logging_steps: int = 10
     use_cache: bool = True
+    cache_dir: str | None = None
     seed: int = 0
     eval_steps: int = 0  # > 0: the validation split's loss every this many steps of every stage (loss.png draws it)
     distributed: str = "none"  # "fsdp": shard the model over the torchrun processes (train/sharding.py)
+
+    def feature_cache_dir(self, output: str | os.PathLike | None = None) -> Path | None:
+        """Where training reads and extends the feature cache: ``cache_dir`` (e.g. a cache built
+        beforehand by ``astrea cache build --recipe``), else ``<output>/feature_cache``; ``None``
+        with ``cache: false``."""
+        if not self.use_cache:
+            return None
+        if self.cache_dir is not None:
+            return Path(self.cache_dir)
+        return Path(output or self.output_dir) / "feature_cache"
 
     @property
     def stages(self) -> list[list[str]]:
@@ -127,8 +139,8 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         raise ValueError(f"recipe {path} is not valid YAML: {getattr(err, 'problem', None) or err}{where}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"recipe {path}: a recipe is a YAML mapping of fields (model, data, order, ...), got {type(raw).__name__}")
-    known = {"model", "data", "order", "optim", "align", "instruct", "output_dir", "save_steps", "logging_steps", "cache", "seed",
-             "eval_steps", "distributed"}
+    known = {"model", "data", "order", "optim", "align", "instruct", "output_dir", "save_steps", "logging_steps", "cache",
+             "cache_dir", "seed", "eval_steps", "distributed"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"recipe {path}: unknown field(s) {unknown}; known fields are {sorted(known)}")
@@ -139,10 +151,14 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         bad = [g for g in trainable if g not in allowed]
         if bad:
             raise ValueError(f"recipe {path}: {name}.trainable has unknown group(s) {bad}; choose from {list(allowed)}")
+        lora = body.pop("lora", None)
+        if lora is not None and name != "instruct":
+            raise ValueError(f"recipe {path}: {name}.lora: LoRA is for instruction tuning (the alignment stages train the "
+                             f"projector and bridge against a frozen LLM); put it under instruct.lora")
         return PhaseRecipe(
             max_steps=int(body.pop("max_steps", 100)),
             trainable=list(trainable),
-            lora=body.pop("lora", None),
+            lora=parse_lora(lora, f"recipe {path}: {name}.lora"),
             use_moco=bool(body.pop("use_moco", True)),
             optim=body,
         )
@@ -166,6 +182,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         save_steps=int(raw.get("save_steps", 50)),
         logging_steps=int(raw.get("logging_steps", 10)),
         use_cache=bool(raw.get("cache", True)),
+        cache_dir=None if raw.get("cache_dir") is None else str(raw["cache_dir"]),
         seed=int(raw.get("seed", 0)),
         eval_steps=int(raw.get("eval_steps", 0) or 0),
         distributed=distributed,

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .recipe import Recipe
-from .stages import configure_stage, run_alignment_stages, run_stage, trainable_modules
+from .stages import run_alignment_stages, run_stage
 
 
 def load_model_and_processor(recipe: Recipe, init_from: str | Path | None = None):
@@ -152,33 +152,40 @@ def run_instruct(recipe: Recipe, output_dir: str | Path | None = None, resume: b
     phase = recipe.instruct
     dataset = instruct_dataset(recipe.data, split="train")
     stage_dir = output / "instruct"
+    roles = list(model.config.expert_order)
     if phase.lora:
-        from peft import LoraConfig, get_peft_model
+        from .lora import wrap_with_lora
 
-        groups = [g for g in phase.trainable if g != "llm"]
-        configure_stage(model, groups, list(model.config.expert_order))
-        lora = LoraConfig(r=int(phase.lora.get("r", 16)), lora_alpha=int(phase.lora.get("alpha", 32)),
-                          target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
-        model = get_peft_model(model, lora)
-        base = model.base_model.model
-        for group_modules in trainable_modules(base, groups, list(base.config.expert_order)).values():
-            for module in group_modules:
-                module.requires_grad_(True)
+        model = wrap_with_lora(model, phase.lora, phase.trainable, roles)
     train_target = model
-    summary = run_stage(train_target, processor, recipe, phase, phase.trainable, list(model.config.expert_order), dataset,
+    summary = run_stage(train_target, processor, recipe, phase, phase.trainable, roles, dataset,
                         stage_dir, resume, use_moco=phase.use_moco, log=log,
-                        cache_dir=output / "feature_cache" if recipe.use_cache else None,
+                        cache_dir=recipe.feature_cache_dir(output),
                         eval_dataset=instruct_dataset(recipe.data, split="validation") if recipe.eval_steps else None)
-    final = output / "final"
-    to_save = train_target.merge_and_unload() if phase.lora else train_target
-    save_hub_folder(to_save.eval(), final, processor=processor)  # sharded: gathered, written by rank 0
-    with on_rank_zero() as writer:
-        if writer:
-            (final / "instruct_summary.json").write_text(json.dumps(summary, indent=1))
-            from ..card import write_trained_card
+    earlier = aligned / "alignment_summary.json"
+    stages = json.loads(earlier.read_text()) if earlier.is_file() else []
 
-            earlier = aligned / "alignment_summary.json"
-            stages = json.loads(earlier.read_text()) if earlier.is_file() else []
-            write_trained_card(final, to_save, processor, recipe, "instruct", aligned, [*stages, summary])
+    def save_merged(to_save, folder: Path) -> None:
+        save_hub_folder(to_save.eval(), folder, processor=processor)  # sharded: gathered, written by rank 0
+        with on_rank_zero() as writer:
+            if writer:
+                (folder / "instruct_summary.json").write_text(json.dumps(summary, indent=1))
+                from ..card import write_trained_card
+
+                write_trained_card(folder, to_save, processor, recipe, "instruct", aligned, [*stages, summary])
+
+    if phase.lora:
+        from .lora import save_lora_result
+
+        written = save_lora_result(train_target, phase.lora, output, aligned, phase.trainable, roles, save_merged)
+        if "adapter" in written:
+            with on_rank_zero() as writer:
+                if writer:
+                    (written["adapter"] / "instruct_summary.json").write_text(json.dumps(summary, indent=1))
+            log(f"LoRA adapter written to {written['adapter']} (PeftModel.from_pretrained on {aligned})")
+        final = written.get("merged", written.get("adapter"))
+    else:
+        final = output / "final"
+        save_merged(train_target, final)
     log(f"instruction-tuned model written to {final}")
     return final

@@ -132,7 +132,7 @@ def _record_images(record, base: Path) -> list:
     raise ValueError(f"a --data record must be an image path or a dict with 'image' or 'images', got {str(record)[:80]!r}")
 
 
-def load_image_list(path: str | os.PathLike) -> list:
+def load_image_list(path: str | os.PathLike, images_dir: str | os.PathLike | None = None) -> list:
     """The images named by a ``--data`` file or folder, in order (paths stay paths: read lazily).
 
     * ``.json``: a list (or ``{"data" | "records" | "images": [...]}``) of image paths or records with
@@ -141,7 +141,7 @@ def load_image_list(path: str | os.PathLike) -> list:
     * a ``datasets`` folder (``save_to_disk``): its ``images`` (list) or ``image`` column, every split;
     * any other folder: its image files (``.png``, ``.jpg``, ...), sorted by name.
 
-    Relative paths are relative to the data file (or folder).
+    Relative paths are relative to ``images_dir`` when given, else to the data file (or folder).
     """
     path = Path(path)
     if not path.exists():
@@ -159,13 +159,13 @@ def load_image_list(path: str | os.PathLike) -> list:
                 if column is None:
                     raise ValueError(f"{path} has no 'images' or 'image' column (columns: {split.column_names})")
                 for value in split[column]:
-                    images.extend(_record_images({column: value}, path))
+                    images.extend(_record_images({column: value}, Path(images_dir or path)))
             return images
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
         if not files:
             raise ValueError(f"{path} holds no image files and is not a `datasets` folder")
         return [str(p) for p in files]
-    base = path.parent
+    base = Path(images_dir) if images_dir is not None else path.parent
     from astrea_vlm.eval.data import parse_json
 
     if path.suffix == ".jsonl":
@@ -183,33 +183,80 @@ def load_image_list(path: str | os.PathLike) -> list:
     return [image for record in records for image in _record_images(record, base)]
 
 
-def build_from_folder(model_dir: str | os.PathLike, data: str | os.PathLike, output: str | os.PathLike,
+def build_from_folder(model_dir: str | os.PathLike | None, data: str | os.PathLike | None, output: str | os.PathLike | None,
                       roles: Sequence[str] | None = None, kind: str = "tower", batch_size: int = 8,
-                      device: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """``astrea cache build``: load a saved Astrea folder and its processor, cache ``--data``'s images."""
+                      device: str | None = None, progress: bool = True, *, recipe: str | os.PathLike | None = None,
+                      images_dir: str | os.PathLike | None = None, log=print) -> dict[str, Any]:
+    """``astrea cache build``: cache the images of ``data`` or of a recipe's training data.
+
+    The model is the saved folder ``model_dir``, or else the one the recipe's training starts from
+    (``model.path``, or its seeded random preset). The images are ``data`` (a COCO or LLaVA
+    training JSON whose paths are relative to ``images_dir``, or anything :func:`load_image_list`
+    reads), or else the recipe's ``data:`` section as training reads it
+    (:mod:`astrea_vlm.train.feature_cache.sources`). ``output`` defaults to the recipe's cache
+    folder (``cache_dir``, or ``<output_dir>/feature_cache``), where its training will look.
+    """
     import torch
 
-    from .modeling import AstreaForConditionalGeneration
-    from .processing import AstreaProcessor
     from .train.feature_cache import FeatureCache
 
-    if not Path(model_dir, "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not an Astrea folder (no config.json); write one with `astrea create`")
-    model = AstreaForConditionalGeneration.from_pretrained(str(model_dir)).eval()
-    processor = AstreaProcessor.from_pretrained(str(model_dir))
+    if model_dir is None and recipe is None:
+        raise ValueError("give --model (a saved Astrea folder) or --recipe (the model its training starts from)")
+    if data is None and recipe is None:
+        raise ValueError("give --data (image list, COCO / LLaVA JSON with --images) or --recipe (its `data:` section)")
+    loaded_recipe = None
+    if recipe is not None:
+        from .train.recipe import load_recipe
+
+        loaded_recipe = load_recipe(recipe)
+    if model_dir is not None:
+        from .modeling import AstreaForConditionalGeneration
+        from .processing import AstreaProcessor
+
+        if not Path(model_dir, "config.json").is_file():
+            raise FileNotFoundError(f"{model_dir} is not an Astrea folder (no config.json); write one with `astrea create`")
+        model = AstreaForConditionalGeneration.from_pretrained(str(model_dir))
+        processor = AstreaProcessor.from_pretrained(str(model_dir))
+    else:
+        from .train.run import load_model_and_processor
+
+        model, processor = load_model_and_processor(loaded_recipe)
+    if output is None:
+        output = loaded_recipe.feature_cache_dir() if loaded_recipe is not None else None
+        if output is None:
+            raise ValueError("give --output (the recipe says `cache: false`, so it names no cache folder)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    images = load_image_list(data)
+    model.eval().to(device)
+    if data is not None:
+        images = _training_data_images(data, images_dir, log)
+    else:
+        from .train.feature_cache.sources import recipe_images
+
+        images = recipe_images(loaded_recipe.data, log=log)
     stats = FeatureCache(output).build(model, processor, images, roles=roles, kind=kind, batch_size=batch_size,
                                        progress=progress)
     stats["output"] = str(output)
     return stats
 
 
+def _training_data_images(data: str | os.PathLike, images_dir: str | os.PathLike | None, log) -> list:
+    """``--data``: a COCO / LLaVA training JSON through the training loaders, anything else through load_image_list."""
+    from .train.feature_cache.sources import json_format, training_json_images
+
+    path = Path(data)
+    if path.suffix == ".json" and path.is_file():
+        kind = json_format(json.loads(path.read_text(encoding="utf-8")))
+        if kind == "coco" and images_dir is None:
+            raise ValueError(f"{path} is a COCO file: its `file_name`s are relative to the image folder; pass --images DIR")
+        if kind is not None:
+            return training_json_images(path, images_dir, log=log)
+    return load_image_list(path, images_dir)
+
+
 def _cache_build(args: argparse.Namespace) -> int:
     roles = [r.strip() for r in args.roles.split(",") if r.strip()] if args.roles else None
     stats = build_from_folder(args.model, args.data, args.output, roles=roles, kind=args.kind,
-                              batch_size=args.batch_size, device=args.device)
+                              batch_size=args.batch_size, device=args.device, recipe=args.recipe, images_dir=args.images)
     print(f"astrea cache build: {stats['images']} image(s), {args.kind} features, computed {json.dumps(stats['computed'])}, "
           f"already cached {json.dumps(stats['skipped'])}, {stats['shards']} shard(s) in {stats['seconds']:.1f} s -> {stats['output']}")
     return 0
@@ -323,10 +370,16 @@ def build_parser() -> argparse.ArgumentParser:
     cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="SUBCOMMAND")
     cache_build = cache_sub.add_parser("build", help="compute and store tower tokens / projected features once per image",
                                        formatter_class=_DefaultsFormatter)
-    cache_build.add_argument("--model", required=True, help="model folder (written by `astrea create` or training)")
-    cache_build.add_argument("--data", required=True, help="JSON / JSONL list of image paths or records with 'image' / 'images' "
-                             "(relative to the file), a `datasets` folder with an 'images' or 'image' column, or a folder of images")
-    cache_build.add_argument("--output", required=True, help="cache folder (created or extended)")
+    cache_build.add_argument("--model", help="model folder (written by `astrea create` or training); default: the model "
+                             "the --recipe's training starts from")
+    cache_build.add_argument("--recipe", help="training recipe (YAML path or shipped name): its model, its `data:` section's "
+                             "images as training reads them, and its cache folder as the default --output")
+    cache_build.add_argument("--data", help="COCO captions / instances JSON or LLaVA conversation JSON (paths relative to "
+                             "--images), a JSON / JSONL list of image paths or records with 'image' / 'images', a `datasets` "
+                             "folder with an 'images' or 'image' column, or a folder of images; default: the --recipe's data")
+    cache_build.add_argument("--images", help="folder the --data file's image paths are relative to (default: the file's folder)")
+    cache_build.add_argument("--output", help="cache folder (created or extended); default: the --recipe's cache_dir, "
+                             "or <output_dir>/feature_cache")
     cache_build.add_argument("--roles", help="comma-separated experts (default: all)")
     cache_build.add_argument("--kind", default="tower", choices=["tower", "projected"],
                              help="tower tokens, or projected features C_i (the projector's output)")

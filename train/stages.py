@@ -324,10 +324,11 @@ def run_alignment_stages(model, processor, recipe, output: Path, stage_dataset: 
     ``stage_dataset(k)`` gives stage ``k``'s dataset (cumulative targets). Each stage sets the
     model's alignment stage to its roles (:meth:`AstreaModel.set_alignment_stage`), trains
     ``recipe.align.trainable`` of those roles and reads the frozen parts from the feature cache in
-    ``output/feature_cache`` (when the recipe enables it); ``eval_dataset(k)``, when given, is stage
-    ``k``'s validation set. Returns the stages' summaries; the model leaves with no alignment stage set.
+    ``output/feature_cache`` or the recipe's ``cache_dir`` (when the recipe enables it); ``eval_dataset(k)``,
+    when given, is stage ``k``'s validation set. Returns the stages' summaries; the model leaves with no
+    alignment stage set.
     """
-    cache_dir = output / "feature_cache" if recipe.use_cache else None
+    cache_dir = recipe.feature_cache_dir(output)
     summaries = []
     for index, roles in enumerate(recipe.stages):
         stage_dir = output / stage_name(index, roles)

@@ -115,7 +115,11 @@ def _check_parity(size: str, tmp_path) -> dict[str, float]:
     theirs = SAM2Transforms(resolution=original.image_size, mask_threshold=0.0)(np.array(image))[None]
     differences = {"pixels": float((ours - theirs).abs().max())}
     seen = {}
-    handle = tower.model.register_forward_hook(lambda module, args, output: seen.setdefault("fpn", output.fpn_hidden_states))
+
+    def keep_levels(module, args, output):  # returns None: the output passes on unchanged
+        seen["fpn"] = output.fpn_hidden_states
+
+    handle = tower.model.register_forward_hook(keep_levels)
     try:
         with torch.no_grad():
             reference = original.image_encoder(theirs)

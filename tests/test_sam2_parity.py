@@ -138,6 +138,7 @@ def _check_parity(size: str, tmp_path) -> dict[str, float]:
 
 def test_hiera_t_tower_equals_the_sam2_package(tmp_path):
     differences = _check_parity("t", tmp_path)
+    print(f"Hiera-t: {differences}")  # shown with -s
     assert differences["pixels"] < 1e-6
     assert differences["scale"] > 0.1  # the features are not trivially small
     for key in ("tokens", "fpn0", "fpn1", "fpn2"):
@@ -148,6 +149,7 @@ def test_hiera_t_tower_equals_the_sam2_package(tmp_path):
 @pytest.mark.parametrize("size", ["s", "b+", "l"])
 def test_larger_hieras_equal_the_sam2_package(tmp_path, size):
     differences = _check_parity(size, tmp_path)
+    print(f"Hiera-{size}: {differences}")  # shown with -s
     assert differences["pixels"] < 1e-6 and differences["scale"] > 0.1
     for key in ("tokens", "fpn0", "fpn1", "fpn2"):
         assert differences[key] < ATOL, differences

@@ -3,7 +3,7 @@
 ``AstreaProcessor.__call__`` follows transformers' ``ProcessingKwargs`` (``_merge_kwargs``): text
 kwargs reach the tokenizer, image kwargs the image processor, flat or structured, construction
 defaults stay unless a call overrides them and a key given twice raises. Pixel values are checked
-against a hand computation; the default path must stay the arithmetic of earlier releases.
+against a hand computation of each expert's own pipeline (filter, aspect policy, rescale, normalise).
 """
 
 from __future__ import annotations
@@ -34,17 +34,38 @@ def _image(seed=0, size=(40, 30)):
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
+_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
 def _by_hand(image, spec, rescale=None, normalize=True, mean=None, std=None):
-    """What the image processor must produce for one expert, in float32 numpy."""
-    pixels = np.asarray(image.resize((spec["size"],) * 2, {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[spec["resample"]]), dtype=np.float32)
-    pixels = pixels / 255.0 if rescale is None else pixels * np.float32(rescale)
+    """What the image processor must produce for one expert, in float32 numpy.
+
+    Each expert's own pipeline: a square, or (keep_aspect_ratio) the shortest side ``size`` with the
+    other side scaled and truncated; PIL's filter on the 8-bit image, or torch's antialiased resize
+    of the rescaled float image (resize_on="tensor", as ToTensor then Resize).
+    """
+    if spec["keep_aspect_ratio"]:
+        short, long = sorted((image.height, image.width))
+        assert long * spec["size"] / short <= spec["max_size"]  # the cap is not reached by these images
+        height, width = (spec["size"], int(spec["size"] * image.width / image.height)) if image.height <= image.width else (
+            int(spec["size"] * image.height / image.width), spec["size"])
+    else:
+        height = width = spec["size"]
+    if spec["resize_on"] == "tensor":
+        values = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float()
+        values = values / 255.0 if rescale is None else values * float(np.float32(rescale))
+        values = torch.nn.functional.interpolate(values[None], size=(height, width), mode=spec["resample"], antialias=True)[0]
+        pixels = values.permute(1, 2, 0).numpy()
+    else:
+        pixels = np.asarray(image.resize((width, height), _FILTERS[spec["resample"]]), dtype=np.float32)
+        pixels = pixels / 255.0 if rescale is None else pixels * np.float32(rescale)
     if normalize:
         pixels = (pixels - np.asarray(mean or spec["image_mean"], dtype=np.float32)) / np.asarray(std or spec["image_std"], dtype=np.float32)
     return pixels.transpose(2, 0, 1)
 
 
 # --------------------------------------------------------------------- 11: ProcessingKwargs
-def test_default_pixels_are_the_earlier_arithmetic_bit_for_bit(processor):
+def test_default_pixels_are_each_experts_own_pipeline_bit_for_bit(processor):
     image = _image()
     batch = processor(images=[image], text="<image> hi")
     for role, spec in processor.image_processor.experts.items():
@@ -82,7 +103,11 @@ def test_image_kwargs_reach_the_image_processor(processor):
         np.testing.assert_array_equal(plain[key][0].numpy(), _by_hand(image, spec, normalize=False))
         np.testing.assert_array_equal(stats[key][0].numpy(), _by_hand(image, spec, mean=[0.25, 0.5, 0.75], std=[2.0, 2.0, 2.0]))
     resized = processor.image_processor(images=[image], size={"height": 24, "width": 24})
-    assert all(value.shape == (1, 3, 24, 24) for value in resized.values())
+    for role, spec in specs.items():
+        # Squares become 24x24; an aspect-preserving expert (Grounding-DINO) gets 24 as its shortest side.
+        expected = (1, 3, 24, 32) if spec["keep_aspect_ratio"] else (1, 3, 24, 24)
+        assert resized[f"pixel_values_{role}"].shape == expected, role
+        np.testing.assert_array_equal(resized[f"pixel_values_{role}"][0].numpy(), _by_hand(image, {**spec, "size": 24}))
     with pytest.raises(ValueError, match="crop_size is not supported"):
         processor(images=[image], text="<image> x", crop_size={"height": 8, "width": 8})
     with pytest.raises(ValueError, match="towers read squares"):

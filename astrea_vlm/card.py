@@ -186,6 +186,37 @@ def _architecture_section(config, n_parameters: int | None) -> str:
     ])
 
 
+def _preprocessing_section(config, processor) -> str:
+    """Each expert's pixels as this folder's processor computes them (``processor_config.json``)."""
+    from .processing.image_processing_astrea import ExpertImageSpec
+
+    specs = getattr(getattr(processor, "image_processor", None), "experts", None) or {
+        role: dataclasses.asdict(ExpertImageSpec.from_expert_config(expert)) for role, expert in config.expert_configs.items()
+    }
+    lines = ["| role | tower | size | aspect ratio | filter | resized data | padding | mean / std |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for role, spec in specs.items():
+        expert = config.expert_configs.get(role)
+        size, aspect = spec["size"], bool(spec.get("keep_aspect_ratio"))
+        tensor = spec.get("resize_on") == "tensor"
+        shape = f"shortest side {size}, longest at most {spec.get('max_size')}" if aspect else f"{size}x{size}"
+        padding = f"zeros at the bottom and right, `pixel_mask_{role}`" if aspect else "none"
+        statistics = f"{list(spec['image_mean'])} / {list(spec['image_std'])}"
+        lines.append(
+            f"| {role} | {getattr(expert, 'kind', '?')} | {shape} | {'kept' if aspect else 'squashed'} | "
+            f"{spec['resample']}{', antialiased' if tensor else ''} | "
+            f"{'the [0, 1] float image (torch)' if tensor else 'the 8-bit image (PIL)'} | {padding} | {statistics} |"
+        )
+    return "\n".join([
+        "Each expert reads its own pixels (`pixel_values_<role>`), made by this folder's processor as below. "
+        "The paper presets follow each released expert's own transform (SigLIP's processor config, RAM++'s "
+        "`get_transform`, Grounding-DINO's `load_image`, `SAM2Transforms`); a processor call's `size`, "
+        "`resample`, `image_mean` or `image_std` overrides them for every expert.",
+        "",
+        *lines,
+    ])
+
+
 def _repository_section(title: str) -> str:
     """A ``## title`` section of the repository card (``model_card.md``), or '' when absent."""
     if not REPOSITORY_CARD.is_file():
@@ -277,6 +308,10 @@ def render_card(facts: CardFacts, config, processor, *, recipe=None, n_parameter
         "## Architecture",
         "",
         _architecture_section(config, n_parameters),
+        "",
+        "### Preprocessing",
+        "",
+        _preprocessing_section(config, processor),
         "",
         "## Limitations",
         "",

@@ -122,6 +122,30 @@ def test_paper_preset_card_names_its_real_parts_as_base_model():
     assert "lmsys/vicuna-13b-v1.5" not in local.base_model and local.parts["language model"] == "./vicuna-13b-v1.5"
 
 
+def test_card_documents_each_experts_preprocessing(tiny_folder):
+    from astrea_vlm.card import _preprocessing_section
+    from astrea_vlm.processing import AstreaProcessor
+
+    paper = _preprocessing_section(get_preset("astrea-13b"), None)
+    rows = {line.split(" | ")[0].strip("| "): line for line in paper.splitlines() if line.startswith("| ") and "---" not in line}
+    assert rows["caption"].startswith("| caption | siglip | 384x384 | squashed | bicubic | the 8-bit image (PIL) | none | [0.5, 0.5, 0.5]")
+    assert rows["classification"].startswith("| classification | ram_plus | 384x384 | squashed | bilinear | the 8-bit image (PIL) | none | [0.485")
+    assert rows["detection"].startswith(
+        "| detection | grounding_dino | shortest side 800, longest at most 1333 | kept | bilinear | the 8-bit image (PIL) | "
+        "zeros at the bottom and right, `pixel_mask_detection` | [0.485"
+    )
+    assert rows["segmentation"].startswith("| segmentation | sam2 | 1024x1024 | squashed | bilinear, antialiased | the [0, 1] float image (torch) | none")
+    # A written folder's card shows what its own processor computes (its processor_config.json).
+    _, folder = tiny_folder
+    card = (folder / "README.md").read_text()
+    section = card.split("### Preprocessing\n", 1)[1].split("\n## ", 1)[0]
+    config = get_preset("tiny")
+    processor = AstreaProcessor.from_pretrained(folder)
+    assert _preprocessing_section(config, processor) in section
+    assert _preprocessing_section(config, None) == _preprocessing_section(config, processor)
+    assert "| detection | grounding_dino | shortest side 32, longest at most 53 | kept |" in section
+
+
 @pytest.mark.parametrize("source, repo", [
     ("lmsys/vicuna-13b-v1.5", "lmsys/vicuna-13b-v1.5"),
     ("facebook/sam2.1-hiera-large/sam2.1_hiera_large.pt", "facebook/sam2.1-hiera-large"),

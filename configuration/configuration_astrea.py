@@ -316,6 +316,15 @@ class AstreaConfig(PreTrainedConfig):
             ``"image"``: one router distribution per image, from the mean-pooled tokens.
             ``"token"``: one per visual token, from the experts' tokens at that position (the
             paper's wording); ``router_logits`` / ``router_probs`` are then ``(n_images, N, E)``.
+        fusion_router_jitter (`float`, defaults to 0.0):
+            Training only: standard deviation of Gaussian noise added to the router logits when
+            choosing the top-k experts (the kept experts' weights are still the softmax of the
+            noise-free logits), so that an expert ranked last still gets chosen, and a gradient,
+            now and then. 0 disables it.
+        fusion_router_norm (`bool`, defaults to `False`):
+            RMS-normalise each part of the router's input (each expert's pooled tokens and the
+            instruction vector) before the linear layer, so that the instruction weighs as much as
+            each expert's features whatever their scales.
         fusion_load_balance_coef (`float`, defaults to 0.0):
             Weight of a Switch-style load-balancing loss added to ``loss`` when labels are given;
             0 disables it (the paper uses none).
@@ -360,6 +369,8 @@ class AstreaConfig(PreTrainedConfig):
     fusion_adapter_dim: int | None = None
     fusion_router_input: str = "visual"
     fusion_routing: str = "image"
+    fusion_router_jitter: float = 0.0
+    fusion_router_norm: bool = False
     fusion_load_balance_coef: float = 0.0
     moco_queue_size: int = 4096
     moco_momentum: float = 0.999
@@ -481,6 +492,7 @@ class AstreaConfig(PreTrainedConfig):
         _check(self.fusion_adapter_dim is None or self.fusion_adapter_dim > 0, "fusion_adapter_dim", self.fusion_adapter_dim, "must be > 0")
         _check(self.fusion_router_input in ("visual", "visual+text"), "fusion_router_input", self.fusion_router_input, "use 'visual' or 'visual+text'")
         _check(self.fusion_routing in ("image", "token"), "fusion_routing", self.fusion_routing, "use 'image' or 'token'")
+        _check(self.fusion_router_jitter >= 0, "fusion_router_jitter", self.fusion_router_jitter, "must be >= 0")
         _check(self.fusion_load_balance_coef >= 0, "fusion_load_balance_coef", self.fusion_load_balance_coef, "must be >= 0")
         _check(self.moco_queue_size >= 1, "moco_queue_size", self.moco_queue_size, "must be >= 1")
         _check(0.0 <= self.moco_momentum < 1.0, "moco_momentum", self.moco_momentum, "m must lie in [0, 1) (eq. 8)")

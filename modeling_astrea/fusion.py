@@ -29,10 +29,11 @@ from transformers.utils import ModelOutput
 
 
 class ExpertRouter(nn.Module):
-    def __init__(self, num_experts: int, hidden_size: int, use_text: bool, per_token: bool = False):
+    def __init__(self, num_experts: int, hidden_size: int, use_text: bool, per_token: bool = False, normalize: bool = False):
         super().__init__()
         self.use_text = use_text
         self.per_token = per_token
+        self.normalize = normalize
         in_dim = num_experts * hidden_size + (hidden_size if use_text else 0)
         self.linear = nn.Linear(in_dim, num_experts)
 
@@ -43,6 +44,8 @@ class ExpertRouter(nn.Module):
             text = torch.zeros_like(expert_features[0][:, 0]) if text_features is None else text_features
             text = text.to(parts[0].dtype)
             parts.append(text[:, None].expand(-1, parts[0].shape[1], -1) if self.per_token else text)
+        if self.normalize:
+            parts = [torch.nn.functional.rms_norm(part, (part.shape[-1],), eps=1e-6) for part in parts]
         return self.linear(torch.cat(parts, dim=-1))
 
 
@@ -79,22 +82,30 @@ class FusionOutput(ModelOutput):
 
 class MoEFusion(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, adapter_dim: int, top_k: int, use_text: bool, act: str = "gelu",
-                 per_token: bool = False):
+                 per_token: bool = False, jitter: float = 0.0, normalize: bool = False):
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
-        self.router = ExpertRouter(num_experts, hidden_size, use_text, per_token)
+        self.jitter = jitter
+        self.router = ExpertRouter(num_experts, hidden_size, use_text, per_token, normalize)
         self.adapters = nn.ModuleList(ExpertAdapter(hidden_size, adapter_dim, act) for _ in range(num_experts))
 
-    def route(self, logits: torch.Tensor) -> torch.Tensor:
-        """Top-k then softmax over the kept logits; probabilities of dropped experts are 0."""
-        kept_logits, kept_index = logits.topk(self.top_k, dim=-1)
+    def route(self, logits: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
+        """Top-k then softmax over the kept logits; probabilities of dropped experts are 0.
+
+        ``scores`` (default: the logits) choose which experts are kept; the softmax is always over
+        the kept *logits*.
+        """
+        kept_index = (logits if scores is None else scores).topk(self.top_k, dim=-1).indices
         probs = torch.zeros_like(logits)
-        return probs.scatter(-1, kept_index, kept_logits.softmax(dim=-1))
+        return probs.scatter(-1, kept_index, logits.gather(-1, kept_index).softmax(dim=-1))
 
     def forward(self, expert_features: list[torch.Tensor], text_features: torch.Tensor | None = None) -> FusionOutput:
         logits = self.router(expert_features, text_features).float()
-        probs = self.route(logits)
+        scores = None
+        if self.training and self.jitter > 0 and self.top_k < self.num_experts:
+            scores = logits.detach() + self.jitter * torch.randn_like(logits)
+        probs = self.route(logits, scores)
         # Under autocast a cached (float32) expert can meet a bf16 one: mix in the widest dtype.
         dtype = functools.reduce(torch.promote_types, [feature.dtype for feature in expert_features])
         fused = torch.zeros_like(expert_features[0], dtype=dtype)

@@ -317,6 +317,8 @@ class AstreaModel(AstreaPreTrainedModel):
             use_text=config.fusion_router_input == "visual+text",
             act=config.projector_hidden_act,
             per_token=config.fusion_routing == "token",
+            jitter=config.fusion_router_jitter,
+            normalize=config.fusion_router_norm,
         )
         # Projection head of the momentum-contrast loss (eq. 5-7): used by the trainer only.
         self.moco_head = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, config.moco_dim))

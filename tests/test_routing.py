@@ -116,3 +116,52 @@ def test_per_token_model_reports_per_token_probabilities():
 def test_invalid_routing_settings_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         AstreaModelTester(**{field: value})
+
+
+def test_jitter_changes_which_experts_are_kept_not_their_weights():
+    """Noisy top-k: noise picks the kept set in training; the weights are the clean logits' softmax."""
+    fusion = MoEFusion(4, 4, 4, top_k=2, use_text=False, jitter=1.0)
+    logits = torch.tensor([[3.0, 2.0, 1.0, -1.0]])
+    scores = torch.tensor([[0.0, 5.0, 0.0, 4.0]])  # noise that keeps experts 1 and 3
+    probs = fusion.route(logits, scores)
+    z = torch.tensor([2.0, -1.0]).exp()
+    torch.testing.assert_close(probs, torch.tensor([[0.0, float(z[0] / z.sum()), 0.0, float(z[1] / z.sum())]]))
+
+    torch.manual_seed(0)
+    features = [torch.randn(64, 3, 4) * (1 + i) for i in range(4)]
+    fusion.eval()
+    with torch.no_grad():
+        clean = fusion(features).router_probs
+        torch.testing.assert_close(fusion(features).router_probs, clean, rtol=0, atol=0)  # eval: no noise
+    fusion.train()
+    with torch.no_grad():
+        noisy = fusion(features).router_probs
+    assert not torch.equal(noisy > 0, clean > 0)
+    # The last-ranked expert of an image, dropped without noise, is sometimes kept with it, so it
+    # gets a gradient; where noise keeps the clean set, the weights are the clean ones.
+    assert ((clean == 0) & (noisy > 0)).any(dim=0).all()
+    same = ((noisy > 0) == (clean > 0)).all(dim=-1)
+    torch.testing.assert_close(noisy[same], clean[same])
+
+
+def test_router_norm_makes_routing_independent_of_each_part_scale():
+    torch.manual_seed(0)
+    features = [torch.randn(2, 3, 4) for _ in range(3)]
+    text = torch.randn(2, 4)
+    scaled = [features[0] * 50.0, *features[1:]]
+    normed = MoEFusion(3, 4, 4, top_k=2, use_text=True, normalize=True)
+    plain = MoEFusion(3, 4, 4, top_k=2, use_text=True)
+    plain.load_state_dict(normed.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(normed.router(scaled, text * 0.1), normed.router(features, text), rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(plain.router(scaled, text), plain.router(features, text))
+        # By hand: each pooled part divided by its root mean square, then the linear layer.
+        parts = [f.mean(dim=1) for f in features] + [text]
+        x = torch.cat([p / p.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() for p in parts], dim=-1)
+        torch.testing.assert_close(normed.router(features, text), normed.router.linear(x))
+
+
+@pytest.mark.parametrize("field, value", [("fusion_router_jitter", -0.1)])
+def test_invalid_jitter_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        AstreaModelTester(**{field: value})

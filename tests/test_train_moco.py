@@ -195,3 +195,33 @@ def test_resume_without_a_checkpoint_says_so(tmp_path):
     trainer = AstreaSFTTrainer(model=model, args=_args(tmp_path / "empty"), train_dataset=_dataset(), processing_class=processor)
     with pytest.raises(ValueError, match="no checkpoint found"):
         trainer.train(resume_from_checkpoint=True)
+
+
+def test_gate_and_router_lr_multipliers_are_own_optimizer_groups_that_follow_the_schedule(tmp_path):
+    model, processor = _model()
+    configure_stage(model, ["router", "adapters", "moco_head", "bridge", "projector"], list(model.config.expert_order))
+    trainer = AstreaSFTTrainer(model=model, args=_args(tmp_path, max_steps=2, lr_scheduler_type="linear"),
+                               train_dataset=_dataset(), processing_class=processor,
+                               gate_lr_multiplier=50.0, router_lr_multiplier=4.0)
+    gates = {id(bridge.gate) for bridge in model.model.bridges.values()}
+    router = {id(p) for p in model.model.fusion.router.parameters()}
+    trainer.create_optimizer_and_scheduler(num_training_steps=2)
+    groups = trainer.optimizer.param_groups
+    by_param = {id(p): group for group in groups for p in group["params"]}
+    assert gates and router <= by_param.keys() and gates <= by_param.keys()
+    base = [g for g in groups if not ({id(p) for p in g["params"]} & (gates | router))]
+    assert base and all(g["lr"] == pytest.approx(1e-3) for g in base)
+    for key in gates:
+        assert by_param[key]["lr"] == pytest.approx(50e-3)
+        assert {id(p) for p in by_param[key]["params"]} <= gates
+    for key in router:
+        assert by_param[key]["lr"] == pytest.approx(4e-3)
+    # weight decay of the group a parameter came from is kept
+    assert {g["weight_decay"] for g in groups} <= {g["weight_decay"] for g in base}
+    # Every parameter is in exactly one group, and the linear schedule scales every group alike.
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == sum(p.requires_grad for p in model.parameters())
+    trainer.optimizer.step()
+    trainer.lr_scheduler.step()
+    ratios = {round(g["lr"] / g["initial_lr"], 6) for g in groups}
+    assert len(ratios) == 1 and ratios.pop() < 1.0

@@ -152,17 +152,22 @@ class AstreaSFTTrainer(SFTTrainer):
     Args:
         use_moco (`bool`, defaults to `True`): add ``mu * L_moco`` (only while the MoE fusion is
             active, i.e. not during pre-alignment stages).
+        gate_lr_multiplier (`float`, defaults to 1.0), router_lr_multiplier (`float`, defaults to 1.0):
+            the bridges' tanh gates (a scalar each, starting at 0) and the fusion router train in
+            their own optimizer groups at this multiple of the learning rate.
         All other arguments are ``SFTTrainer``'s. ``mu``, ``m``, ``tau``, ``lambda`` and the queue
         size come from the model config (``moco_*``).
     """
 
-    def __init__(self, *args, use_moco: bool = True, **kwargs):
+    def __init__(self, *args, use_moco: bool = True, gate_lr_multiplier: float = 1.0,
+                 router_lr_multiplier: float = 1.0, **kwargs):
         model, train_args = kwargs.get("model", args[0] if args else None), kwargs.get("args", args[1] if len(args) > 1 else None)
         if model is not None and train_args is not None and is_sharded(model):
             # Trainer refuses to checkpoint a model that owns its sharding unless it saves the model
             # only; the sharded checkpoints are written here instead (_save_sharded_checkpoint).
             train_args.save_only_model = True
         super().__init__(*args, **kwargs)
+        self.gate_lr_multiplier, self.router_lr_multiplier = gate_lr_multiplier, router_lr_multiplier
         self.backbone = find_backbone(self.model)
         config = self.backbone.config
         self.expert_order = list(self.backbone.expert_order)
@@ -236,6 +241,22 @@ class AstreaSFTTrainer(SFTTrainer):
             self._metrics[mode][f"router/prob_{role}"].append(float(mean[index]))
             self._metrics[mode][f"router/load_{role}"].append(float(load[index]))
         self._metrics[mode]["router/entropy"].append(float(entropy))
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer; the bridges' tanh gates and the router get their own parameter
+        groups at ``gate_lr_multiplier`` / ``router_lr_multiplier`` times the group's lr."""
+        optimizer = super().create_optimizer(model)
+        multipliers = {id(bridge.gate): self.gate_lr_multiplier for bridge in self.backbone.bridges.values()}
+        multipliers.update({id(p): self.router_lr_multiplier for p in self.backbone.fusion.router.parameters()})
+        multipliers = {key: value for key, value in multipliers.items() if value != 1.0}
+        for group in list(optimizer.param_groups):
+            for multiplier in sorted({multipliers[id(p)] for p in group["params"] if id(p) in multipliers}):
+                moved = [p for p in group["params"] if multipliers.get(id(p)) == multiplier]
+                group["params"] = [p for p in group["params"] if multipliers.get(id(p)) != multiplier]
+                optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": moved,
+                                           "lr": group["lr"] * multiplier})
+        optimizer.param_groups[:] = [group for group in optimizer.param_groups if group["params"]]
+        return optimizer
 
     # ------------------------------------------------------------------- checkpoints
     def _get_output_dir(self, trial) -> str:

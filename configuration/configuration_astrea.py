@@ -304,9 +304,10 @@ class AstreaConfig(PreTrainedConfig):
             k of eq. 10: experts kept per sample (1 <= k <= number of experts).
         fusion_adapter_dim (`int`, *optional*):
             Hidden width of each expert's MLP adapter F_i (eq. 10); defaults to the LLM width.
-        fusion_router_input (`str`, defaults to `"visual"`):
+        fusion_router_input (`str`, defaults to `"visual+text"`):
             What the linear router reads. ``"visual"``: the experts' projected tokens only
-            (concatenated). ``"visual+text"``: those plus the *instruction*: for each image, the mean
+            (concatenated), so every question about an image is routed alike. ``"visual+text"``
+            (the default): those plus the *instruction*: for each image, the mean
             input embedding of the text tokens that precede it in the sequence (padding and image
             tokens skipped, no gradient into the embeddings). Reading only the text before the image
             keeps routing causal: an image is routed the same in training and generation and as a
@@ -321,7 +322,7 @@ class AstreaConfig(PreTrainedConfig):
             choosing the top-k experts (the kept experts' weights are still the softmax of the
             noise-free logits), so that an expert ranked last still gets chosen, and a gradient,
             now and then. 0 disables it.
-        fusion_router_norm (`bool`, defaults to `False`):
+        fusion_router_norm (`bool`, defaults to `True`):
             RMS-normalise each part of the router's input (each expert's pooled tokens and the
             instruction vector) before the linear layer, so that the instruction weighs as much as
             each expert's features whatever their scales.
@@ -367,10 +368,10 @@ class AstreaConfig(PreTrainedConfig):
     bridge_gate_init: float = 0.0
     fusion_top_k: int = 3
     fusion_adapter_dim: int | None = None
-    fusion_router_input: str = "visual"
+    fusion_router_input: str = "visual+text"
     fusion_routing: str = "image"
     fusion_router_jitter: float = 0.0
-    fusion_router_norm: bool = False
+    fusion_router_norm: bool = True
     fusion_load_balance_coef: float = 0.0
     moco_queue_size: int = 4096
     moco_momentum: float = 0.999

@@ -62,8 +62,13 @@ def test_several_images_per_sample_use_their_own_features(tester, tiny_model):
     inputs = _inputs(tester, n_images=2)
     with torch.no_grad():
         out = tiny_model(**inputs)
+        # The router also reads the text before each image: give the first image its own.
+        embeds = tiny_model.get_input_embeddings()(inputs["input_ids"])
+        image_mask = inputs["input_ids"] == tester.config.image_token_id
+        text = tiny_model.model.instruction_features(embeds, inputs.get("attention_mask"), image_mask)
         first = tiny_model.model.get_image_features(
-            pixel_values={role: inputs[f"pixel_values_{role}"][:1] for role in tester.config.expert_order}
+            pixel_values={role: inputs[f"pixel_values_{role}"][:1] for role in tester.config.expert_order},
+            text_features=text[:1],
         )
     n = tester.num_visual_tokens
     assert out.image_hidden_states.shape == (2, n, tester.config.hidden_size)

@@ -32,7 +32,7 @@ def _router_inputs(model, **inputs):
 
 
 def test_router_reads_the_mean_embedding_of_the_text_before_each_image():
-    tester = AstreaModelTester(fusion_router_input="visual+text")
+    tester = AstreaModelTester(fusion_router_input="visual+text", fusion_router_norm=False)  # norm: its own test
     model = tester.model()
     # Sample 0: bos 20 21 <img> 22 23 <img> 24; sample 1: left-padded, bos 30 <img> 31 32 <img> 33.
     first = _ids(1, 20, 21, "img", 22, 23, "img", 24)
@@ -142,6 +142,11 @@ def test_jitter_changes_which_experts_are_kept_not_their_weights():
     assert ((clean == 0) & (noisy > 0)).any(dim=0).all()
     same = ((noisy > 0) == (clean > 0)).all(dim=-1)
     torch.testing.assert_close(noisy[same], clean[same])
+
+
+def test_default_router_reads_the_instruction_rms_normalised():
+    config = AstreaModelTester().config
+    assert config.fusion_router_input == "visual+text" and config.fusion_router_norm
 
 
 def test_router_norm_makes_routing_independent_of_each_part_scale():

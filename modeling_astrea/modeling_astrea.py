@@ -457,8 +457,9 @@ class AstreaModel(AstreaPreTrainedModel):
         ``pixel_values={role: tensor}``, plus cached ``expert_features`` / ``tower_features``;
         ``pixel_mask_<role>`` (or ``pixel_masks={role: tensor}``) go with an aspect-preserving
         expert's padded pixels.
-        ``text_features`` (``(n_images, D)``) feed a ``visual+text`` router; ``bridge_generator``
-        draws the bridge's training-time Bernoulli masks.
+        ``text_features`` (``(n_images, D)``) feed a ``visual+text`` router (the default; see
+        ``instruction_features``; without them it reads zeros, as for an image with no text before
+        it); ``bridge_generator`` draws the bridge's training-time Bernoulli masks.
         """
         pixel_values = {**(pixel_values or {}), **_pixel_dict(pixel_values_caption, pixel_values_classification, pixel_values_detection, pixel_values_segmentation)}
         pixel_masks = {**(pixel_masks or {}), **_pixel_dict(pixel_mask_caption, pixel_mask_classification, pixel_mask_detection, pixel_mask_segmentation)}

@@ -95,6 +95,10 @@ def test_get_image_features_takes_processor_pixel_keys_and_returns_the_transform
     model, inputs, tester = saved["model"], saved["inputs"], saved["tester"]
     pixels = {key: value for key, value in inputs.items() if key.startswith("pixel_values_")}
     with torch.no_grad():
+        # The default router also reads the text before each image; the forward computes it so.
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        image_mask = inputs["input_ids"] == tester.config.image_token_id
+        pixels["text_features"] = model.model.instruction_features(embeds, inputs.get("attention_mask"), image_mask)
         features = model.get_image_features(**pixels)
         full = model.model(**inputs)
         as_tuple = model.get_image_features(**pixels, return_dict=False)
@@ -119,7 +123,10 @@ def test_get_image_features_takes_processor_pixel_keys_and_returns_the_transform
     torch.testing.assert_close(with_states.last_hidden_state, features.last_hidden_state, rtol=0, atol=0)
     # The dict form that the package's own callers use is the same call.
     with torch.no_grad():
-        by_dict = model.model.get_image_features(pixel_values={key[len("pixel_values_"):]: value for key, value in pixels.items()})
+        by_dict = model.model.get_image_features(
+            pixel_values={key[len("pixel_values_"):]: value for key, value in pixels.items() if key.startswith("pixel_values_")},
+            text_features=pixels["text_features"],
+        )
     torch.testing.assert_close(by_dict.fused, features.last_hidden_state, rtol=0, atol=0)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -70,3 +71,31 @@ def pytest_configure(config):
     # Marks used by transformers' common test mixins (tests/transformers_common.py loads them).
     for mark in ("torch_compile_test", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test", "accelerate_tests"):
         config.addinivalue_line("markers", f"{mark}: a transformers common-test mark")
+
+
+# Skip reasons that name something this machine lacks (a GPU, flash-attn, a package, RUN_SLOW, the
+# transformers sdist's tests offline): the mixins skip those for LLaVA too, so they pass the check below.
+_ENVIRONMENT_SKIP = re.compile(
+    r"^(test requires |test is slow|.*not supported on |.*is not installed|.*common test mixins are not available)", re.IGNORECASE
+)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A transformers common-mixin test class lists every test that may skip, with the reason, in
+    ``expected_skips`` (name pattern -> why); any other skip of that class fails, so that a contract
+    test can neither be skipped silently nor start skipping after a change."""
+    outcome = yield
+    report = outcome.get_result()
+    expected = getattr(getattr(item, "cls", None), "expected_skips", None)
+    if expected is None or not report.skipped or hasattr(report, "wasxfail"):
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    reason = reason.removeprefix("Skipped: ")
+    if _ENVIRONMENT_SKIP.match(reason) or any(re.fullmatch(pattern, item.name) for pattern in expected):
+        return
+    report.outcome = "failed"
+    report.longrepr = (
+        f"{item.name} skipped ({reason}), but {item.cls.__name__}.expected_skips does not list it: "
+        "make it run, or list it there with the architectural reason"
+    )

@@ -505,7 +505,9 @@ def world_llm_card(folder: str | Path, summary: dict, command: str, path: str | 
         f"The *world LLM* of the astrea demo, written by `{command}` "
         "(`astrea_vlm/train/pretrain_llm.py`): a "
         f"{text_config.get('num_hidden_layers', '?')}-layer Llama of width {text_config.get('hidden_size', '?')} "
-        f"(vocabulary {text_config.get('vocab_size', '?')}), pretrained from random weights on the synthetic world's "
+        f"(vocabulary {text_config.get('vocab_size', '?')}), pretrained "
+        f"{'from random weights' if 'continued_from' not in summary else 'from an earlier world LLM (`continued_from` in `pretrain.json`)'}"
+        " on the synthetic world's "
         "questions and answers, with a *symbolic scene* in place of the image: visual token j is the sum of the "
         "LLM's word embeddings of what covers grid cell j, weighted by the covered fraction. No pixel, tower or "
         "projector is involved. It plays the part of the paper's pretrained LLM: a recipe with `model.llm: world` "
@@ -516,7 +518,11 @@ def world_llm_card(folder: str | Path, summary: dict, command: str, path: str | 
         f"{settings.get('steps', '?')} steps of batch {settings.get('batch_size', '?')} on "
         f"{settings.get('scenes', '?')} scenes of the `pretrain` split (seed {settings.get('seed', '?')}), AdamW at "
         f"{settings.get('learning_rate', '?')}, prompt layout `image_position: {settings.get('image_position', '?')}`; "
-        "every setting and the loss curve are in `pretrain.json`.",
+        "every setting and the loss curve are in `pretrain.json`."
+        + ("" if "continued_from" not in summary else
+           f" It continued a run of {summary['continued_from'].get('settings', {}).get('steps', '?')} steps from random "
+           f"weights on {summary['continued_from'].get('settings', {}).get('scenes', '?')} scenes (its settings and scores: "
+           "`continued_from` in `pretrain.json`)."),
         "",
         "## Evaluation",
         "",

@@ -24,7 +24,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _pretrain_llm(args: argparse.Namespace) -> int:
     from astrea_vlm.train.pretrain_llm import PretrainSettings, pretrain_world_llm
 
-    fields = {k: getattr(args, k) for k in ("scenes", "steps", "seed", "threads") if getattr(args, k) is not None}
+    fields = {k: getattr(args, k) for k in ("scenes", "steps", "seed", "threads", "learning_rate", "init_from")
+              if getattr(args, k) is not None}
     summary = pretrain_world_llm(PretrainSettings(**fields), output=args.output)
     print(f"astrea pretrain-llm: wrote {args.output} in {summary['seconds']:.0f} s")
     return 0
@@ -305,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--seed", type=int, help="scene and init seed (default: 1000, PretrainSettings.seed)")
     pretrain.add_argument("--threads", type=int, help="torch threads; the same settings give the same weights on the same "
                           "machine (default: 1, PretrainSettings.threads)")
+    pretrain.add_argument("--learning-rate", type=float, help="peak learning rate (default: 2e-3, PretrainSettings.learning_rate)")
+    pretrain.add_argument("--init-from", help="continue from this world LLM folder (its weights and tokenizer) instead of "
+                          "random weights and a new tokenizer (default: none)")
     pretrain.set_defaults(func=_pretrain_llm)
 
     ablate = command("ablate", "rerun the demo pipeline with the paper's ablation variants (Tables 3, 4, 6)")

@@ -3,6 +3,7 @@ into an Astrea model, and the shipped weights doing what the README says they do
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -105,6 +106,26 @@ def test_pretraining_twice_gives_the_same_weights(tmp_path):
     assert json.loads((tmp_path / "a" / "pretrain.json").read_text())["settings"]["threads"] == 1
 
 
+def test_pretraining_continues_from_a_world_llm_folder(tmp_path):
+    """init_from: the base's tokenizer and weights are the start (a run of 0 effective learning rate
+    keeps them), its pretrain.json is kept as continued_from; a vocabulary mismatch is named."""
+    from safetensors.torch import load_file
+
+    small = dict(scenes=24, batch_size=8, validation_scenes=8, vocab_size=400, log_every=3, eval_every=0)
+    pl.pretrain_world_llm(pl.PretrainSettings(steps=4, **small), output=tmp_path / "base", log=lambda *_: None)
+    frozen = pl.PretrainSettings(steps=1, learning_rate=0.0, init_from=str(tmp_path / "base"), **small)
+    summary = pl.pretrain_world_llm(frozen, output=tmp_path / "same", log=lambda *_: None)
+    base, same = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("base", "same"))
+    assert all(torch.equal(base[k], same[k]) for k in base)
+    assert (tmp_path / "same" / "tokenizer.json").read_text() == (tmp_path / "base" / "tokenizer.json").read_text()
+    assert summary["continued_from"]["settings"]["steps"] == 4 and "continued_from" in (tmp_path / "same" / "pretrain.json").read_text()
+    assert "It continued a run of 4 steps" in (tmp_path / "same" / "README.md").read_text()
+    moved = pl.pretrain_world_llm(dataclasses.replace(frozen, steps=2, learning_rate=1e-2), output=tmp_path / "moved", log=lambda *_: None)
+    assert moved["loss"] and any(not torch.equal(base[k], v) for k, v in load_file(str(tmp_path / "moved" / "model.safetensors")).items())
+    with pytest.raises(ValueError, match="400-word embedding and vocab_size is 512"):
+        pl.pretrain_world_llm(dataclasses.replace(frozen, vocab_size=512), output=tmp_path / "bad", log=lambda *_: None)
+
+
 def test_pretraining_lowers_the_loss_and_loads_into_astrea(tmp_path):
     from safetensors.torch import load_file
     from transformers import LlamaForCausalLM
@@ -191,4 +212,7 @@ def test_cli_pretrain_llm_passes_its_flags(monkeypatch, tmp_path, capsys):
     settings, output = seen[0]
     assert (settings.scenes, settings.steps, settings.seed, settings.threads, output) == (10, 3, pl.PRETRAIN_SEED, 1, str(tmp_path))
     assert main(["pretrain-llm", "--output", str(tmp_path), "--threads", "2"]) == 0 and seen[1][0].threads == 2
+    assert seen[1][0].init_from is None and seen[1][0].learning_rate == pl.PretrainSettings().learning_rate
+    assert main(["pretrain-llm", "--output", str(tmp_path), "--init-from", "base", "--learning-rate", "5e-4"]) == 0
+    assert (seen[2][0].init_from, seen[2][0].learning_rate) == ("base", 5e-4)
     assert "astrea pretrain-llm: wrote" in capsys.readouterr().out

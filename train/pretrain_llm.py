@@ -37,7 +37,11 @@ What is not in it
     ``"pretrain-validation"``. The tokenizer is trained on that split's text and shipped with the
     weights, so the demo's token ids match the embeddings.
 
-Reproduce the shipped files with ``astrea pretrain-llm --output DIR`` (about 35 minutes on a 2-core CPU).
+The shipped weights: a 12000-step run under the earlier chat template (``astrea pretrain-llm`` at
+commit 589a404), continued for 600 steps under the current one, which puts a newline before
+``<image>`` (``astrea pretrain-llm --init-from DIR --scenes 2000 --steps 600 --learning-rate 1e-3``);
+``pretrain.json`` records both runs. ``astrea pretrain-llm --output DIR`` at this commit trains under
+the current template from the start (about 35 minutes on an idle 2-core CPU).
 """
 
 from __future__ import annotations
@@ -82,6 +86,9 @@ class PretrainSettings:
     validation_scenes: int = 256
     log_every: int = 500
     threads: int = 1              # torch threads, fixed so that a rerun gives the same weights (train/reproducibility.py)
+    # Continue from a world LLM folder (its weights and tokenizer) instead of random weights and a new
+    # tokenizer: adapts a pretrained world LLM to a changed chat template without the full run.
+    init_from: str | None = None
 
 
 # ----------------------------------------------------------------------------- symbolic scenes
@@ -345,7 +352,10 @@ def _pretrain(settings: PretrainSettings, output: Path, log) -> dict[str, Any]:
     rng = np.random.default_rng(settings.seed)
     train_scenes = _scenes("pretrain", settings.scenes, settings, log)
     config = preset_config("tiny", {"text_config": {"vocab_size": settings.vocab_size}})
-    tokenizer = world_tokenizer(train_scenes, settings.vocab_size, config.text_config.max_position_embeddings)
+    if settings.init_from:
+        tokenizer = load_world_tokenizer(settings.init_from)
+    else:
+        tokenizer = world_tokenizer(train_scenes, settings.vocab_size, config.text_config.max_position_embeddings)
     processor = build_processor(config, tokenizer=tokenizer)
     processor.set_prompt_layout(image_position=settings.image_position)
     tick = time.perf_counter()
@@ -357,6 +367,19 @@ def _pretrain(settings: PretrainSettings, output: Path, log) -> dict[str, Any]:
     qa_weights = np.array([settings.type_weights.get(r.question_type, 1.0) for r in corpus.qa])
     qa_weights = qa_weights / qa_weights.sum()
     model = LlamaForCausalLM(config.text_config)
+    base_summary = None
+    if settings.init_from:
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(settings.init_from) / "model.safetensors"))
+        rows = state["model.embed_tokens.weight"].shape[0]
+        if rows != settings.vocab_size:
+            raise ValueError(f"init_from={settings.init_from} has a {rows}-word embedding and vocab_size is "
+                             f"{settings.vocab_size}: pass the base's vocab_size")
+        model.load_state_dict(state)
+        base_meta = Path(settings.init_from) / "pretrain.json"
+        base_summary = json.loads(base_meta.read_text()) if base_meta.is_file() else None
+        log(f"continuing from {settings.init_from}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, betas=(0.9, 0.98),
                                   weight_decay=settings.weight_decay)
     schedule = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * settings.steps), settings.steps)
@@ -395,6 +418,8 @@ def _pretrain(settings: PretrainSettings, output: Path, log) -> dict[str, Any]:
     tokenizer.save_pretrained(str(output))
     summary = {"settings": dataclasses.asdict(settings), "text_config": config.text_config.to_dict(), "loss": curve,
                "symbolic_accuracy": accuracy, "symbolic_accuracy_during_training": checks, "seconds": round(time.perf_counter() - tick, 1)}
+    if base_summary is not None:  # the run this one continued, with its own settings and scores
+        summary["continued_from"] = {k: v for k, v in base_summary.items() if k != "text_config"}
     (output / "pretrain.json").write_text(json.dumps(summary, indent=1))
     write_world_llm_card(output, summary)
     return summary

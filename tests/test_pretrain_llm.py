@@ -176,6 +176,9 @@ def test_shipped_world_llm_reads_symbolic_scenes_and_not_without_them(processor)
     corpus = pl.WorldCorpus(scenes, processor, with_stages=False, image_position=meta["settings"]["image_position"])
     seen = pl.evaluate_symbolic(llama, corpus, processor, processor.image_token_id)
     assert seen["existence"] >= 0.8 and seen["colour"] >= 0.8, seen
+    # ...under the current chat template: weights pretrained under another layout lose the look-ups
+    # first (grounding 0.012, relative position 0.652 on 256 scenes before they were adapted; 0.820, 0.812 after)
+    assert seen["grounding"] >= 0.65 and seen["relative_position"] >= 0.65, seen
     # Same questions, each shown the next scene's symbolic tokens.
     shifted = pl.WorldCorpus(scenes, processor, with_stages=False, image_position=meta["settings"]["image_position"])
     shifted.index, shifted.value = corpus.index.roll(1, 0), corpus.value.roll(1, 0)

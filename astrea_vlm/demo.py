@@ -55,9 +55,8 @@ class DemoSettings:
     seed: int = 0
     test_size: int = 128  # scenes in the test and in the validation split (7 questions each)
     # Tower warm-up steps: one number for all, or per expert. The caption and segmentation towers
-    # are cheap per step and their longer warm-up paid off on validation (grounding 0.22 -> 0.37,
-    # existence 0.66 -> 0.70, caption CIDEr-D 0.68 -> 0.74 against 300 steps each); the
-    # classification and detection towers cost 2-3x as much a step.
+    # are cheap per step and gain from a longer warm-up; the other two cost 2-3x as much a step
+    # (README, "Tower warm-up per expert").
     warmup_steps: int | dict[str, int] = dataclasses.field(
         default_factory=lambda: {"caption": 1200, "classification": 300, "detection": 300, "segmentation": 1200})
     # `astrea eval`'s defaults, so that the README's `astrea eval` command reproduces the report
@@ -139,12 +138,13 @@ def build_demo_model(recipe, settings: DemoSettings, train_scenes, log=print):
     """The recipe's tiny model (with ``config_overrides``), towers warmed up and frozen again."""
     from .modeling import AstreaForConditionalGeneration
     from .processing import build_processor
-    from .train.run import apply_prompt_layout, merge_overrides, preset_config, start_from_world_llm
+    from .configuration import get_preset, merge_overrides
+    from .train.run import apply_prompt_layout, start_from_world_llm
     from .train.warmup import warm_up_towers
 
     preset = recipe.model.get("preset", "tiny")
     torch.manual_seed(int(recipe.model.get("seed", settings.seed)) + settings.seed)
-    config = preset_config(preset, merge_overrides(recipe.model.get("overrides") or {}, settings.config_overrides))
+    config = get_preset(preset, **merge_overrides(recipe.model.get("overrides") or {}, settings.config_overrides))
     model = AstreaForConditionalGeneration(config)
     llm = recipe.model.get("llm")
     # The recipe's LLM: the pretrained world LLM and its tokenizer, or a random one with a BPE
@@ -428,10 +428,10 @@ def ablation_variants(what: str, recipe) -> dict[str, dict[str, Any]]:
     """
     align_groups = list(recipe.align.trainable)
     if what == "topk":
-        from .train.run import preset_config
+        from .configuration import get_preset
 
         # the recipe's own k is the unchanged recipe (no override), so it shares the baseline run
-        current = preset_config(recipe.model.get("preset", "tiny"), recipe.model.get("overrides") or {}).fusion_top_k
+        current = get_preset(recipe.model.get("preset", "tiny"), **(recipe.model.get("overrides") or {})).fusion_top_k
         return {f"top-{k}": {"config": {} if k == current else {"fusion_top_k": k}, "recipe": {}} for k in (1, 2, 3, 4)}
     if what == "order":
         orders = {

@@ -22,24 +22,24 @@ from typing import Any
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .presets import paper_13b_parts, preset_parts
+
 #: The expert roles, in the paper's default (coarse-to-fine) pre-alignment order.
 EXPERT_ROLES = ("caption", "classification", "detection", "segmentation")
 
-#: Tower kinds the factory in ``astrea_vlm.modeling.towers`` can build.
-TOWER_KINDS = ("siglip", "ram_plus", "grounding_dino", "sam2", "hf_vision", "timm")
 
-#: Kinds whose tokens sit on a 2-D grid (resampled by area pooling / bilinear interpolation).
-GRID_TOWER_KINDS = ("siglip", "ram_plus", "sam2", "hf_vision", "timm")
+def _tower_class(kind: str):
+    """The tower class registered for ``kind`` (``astrea_vlm.modeling.registry``: the only list of kinds), or None."""
+    from ..modeling.registry import TOWER_REGISTRY
 
-#: ``tower_config`` model types each kind accepts (None: any).
-_TOWER_MODEL_TYPES = {
-    "siglip": ("siglip_vision_model", "siglip2_vision_model"),
-    "ram_plus": ("timm_wrapper",),
-    "grounding_dino": ("grounding-dino",),
-    "sam2": ("sam2_vision_model",),
-    "hf_vision": None,
-    "timm": ("timm_wrapper",),
-}
+    return TOWER_REGISTRY.get(kind)
+
+
+def tower_kinds() -> tuple[str, ...]:
+    """The expert tower kinds, as registered by ``astrea_vlm.modeling.registry``."""
+    from ..modeling.registry import TOWER_REGISTRY
+
+    return tuple(TOWER_REGISTRY)
 
 
 #: Each kind's original preprocessing: ``(resampling filter, what is resized, aspect ratio kept)``.
@@ -167,8 +167,9 @@ class AstreaExpertConfig(PreTrainedConfig):
         self.validate_expert()
 
     def validate_expert(self, prefix: str = "expert") -> None:
-        _check(self.kind in TOWER_KINDS, f"{prefix}.kind", self.kind, f"unknown expert kind; choose one of {TOWER_KINDS}")
-        allowed = _TOWER_MODEL_TYPES[self.kind]
+        tower = _tower_class(self.kind)
+        _check(tower is not None, f"{prefix}.kind", self.kind, f"unknown expert kind; choose one of {tower_kinds()}")
+        allowed = tower.tower_model_types
         model_type = getattr(self.tower_config, "model_type", None)
         _check(
             allowed is None or model_type in allowed,
@@ -217,7 +218,7 @@ class AstreaExpertConfig(PreTrainedConfig):
     @property
     def is_grid(self) -> bool:
         """Whether the tower's tokens lie on a 2-D grid."""
-        return self.kind in GRID_TOWER_KINDS or (self.kind == "grounding_dino" and self.token_source == "encoder")
+        return _tower_class(self.kind).tokens_on_grid(self)
 
 
 # One class per role, each naming its entry of an Astrea config.json (`base_config_key`), so that
@@ -265,7 +266,7 @@ class AstreaConfig(PreTrainedConfig):
 
     The defaults describe the paper's 13B model (``astrea-13b``): Vicuna-1.5-13B, SigLIP
     SO400M/14@384, RAM++ Swin-L@384, the open Grounding-DINO and SAM2 Hiera-L. Use
-    :func:`astrea_vlm.configuration.presets.get_preset` for ``tiny`` / ``astrea-13b`` / ``astrea-34b``.
+    `get_preset` for ``tiny`` / ``astrea-13b`` / ``astrea-34b``.
 
     Args:
         text_config (`dict` or `PreTrainedConfig`):
@@ -387,8 +388,6 @@ class AstreaConfig(PreTrainedConfig):
         no_experts = all(getattr(self, f"{r}_config") is None for r in EXPERT_ROLES)
         if self.text_config is None and no_experts:
             # A bare AstreaConfig() describes the paper's 13B model (transformers convention).
-            from .presets import paper_13b_parts
-
             parts = paper_13b_parts()
             self.text_config = parts.pop("text_config")
             for key, value in parts.items():
@@ -545,11 +544,14 @@ class AstreaConfig(PreTrainedConfig):
         )
 
 
-__all__ = [
-    "AstreaConfig",
-    "AstreaExpertConfig",
-    "EXPERT_CONFIG_CLASSES",
-    "EXPERT_ROLES",
-    "KIND_PREPROCESSING",
-    "TOWER_KINDS",
-]
+def get_preset(name: str, **overrides: Any) -> AstreaConfig:
+    """The :class:`AstreaConfig` of preset ``name`` (``tiny``, ``astrea-13b``, ``astrea-34b``).
+
+    ``overrides`` are merged in by :func:`~astrea_vlm.configuration.presets.merge_overrides`: nested
+    dicts key by key (``text_config={"vocab_size": 1024}`` changes one field of the LLM config),
+    anything else replaces (``segmentation_config=None`` drops that expert).
+    """
+    return AstreaConfig(**preset_parts(name, overrides))
+
+
+__all__ = ["AstreaConfig", "AstreaExpertConfig", "EXPERT_CONFIG_CLASSES", "EXPERT_ROLES", "KIND_PREPROCESSING", "get_preset", "tower_kinds"]

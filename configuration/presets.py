@@ -16,6 +16,7 @@ can be overridden with a local path.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -301,15 +302,28 @@ PRESETS = {"tiny": _tiny_parts, "astrea-13b": paper_13b_parts, "astrea-34b": pap
 TEXT_PRETRAINED = {"astrea-13b": "lmsys/vicuna-13b-v1.5", "astrea-34b": "NousResearch/Nous-Hermes-2-Yi-34B"}
 
 
-def get_preset(name: str, **overrides: Any):
-    """Return the :class:`AstreaConfig` of preset ``name``; ``overrides`` replace top-level fields."""
-    from .configuration_astrea import AstreaConfig
+def merge_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` merged in; neither is modified.
 
+    Where both values are dicts they merge key by key, recursively; any other value (a number, a
+    list, ``None``, a config object) replaces. So ``{"text_config": {"hidden_size": 128}}`` changes
+    one field of a preset's LLM config and keeps the rest -- transformers would otherwise complete a
+    partial sub-config dict with the class defaults (a 7B Llama) -- and ``segmentation_config=None``
+    removes that expert. This is the only override merge of the package: presets
+    (:func:`astrea_vlm.configuration.get_preset`), recipes' ``model.overrides`` and the demo's
+    ablations all use it.
+    """
+    merged = dict(base)
+    for key, value in overrides.items():
+        merged[key] = merge_overrides(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+def preset_parts(name: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The keyword arguments of :class:`AstreaConfig` for preset ``name``, ``overrides`` merged in (:func:`merge_overrides`)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    parts = copy.deepcopy(PRESETS[name]())
-    parts.update(overrides)
-    return AstreaConfig(**parts)
+    return merge_overrides(copy.deepcopy(PRESETS[name]()), dict(overrides or {}))
 
 
-__all__ = ["PRESETS", "get_preset", "paper_13b_parts", "paper_34b_parts"]
+__all__ = ["PRESETS", "TEXT_PRETRAINED", "merge_overrides", "paper_13b_parts", "paper_34b_parts", "preset_parts"]

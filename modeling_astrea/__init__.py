@@ -2,9 +2,10 @@
 
 from .bridge import ResidualBridge
 from .fusion import ExpertRouter, MoEFusion
-from .modeling_astrea import AstreaForConditionalGeneration, AstreaModel, AstreaPreTrainedModel
+from .modeling_astrea import AstreaForConditionalGeneration, AstreaModel, AstreaPreTrainedModel, find_backbone
 from .projector import ExpertProjector, resample_tokens
-from .towers import TOWER_REGISTRY, ExpertTower, build_tower, register_tower
+from .registry import TOWER_REGISTRY, build_tower
+from .towers import ExpertTower, register_tower
 
 __all__ = [
     "AstreaForConditionalGeneration",
@@ -17,6 +18,7 @@ __all__ = [
     "ResidualBridge",
     "TOWER_REGISTRY",
     "build_tower",
+    "find_backbone",
     "register_tower",
     "resample_tokens",
 ]

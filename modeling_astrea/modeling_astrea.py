@@ -44,7 +44,8 @@ from .bridge import ResidualBridge
 from .checkpoint_files import check_weights_folder
 from .fusion import MoEFusion
 from .projector import ExpertProjector, resample_tokens
-from .towers import ExpertTower, build_tower, can_run_attn_implementation
+from .registry import build_tower
+from .towers import ExpertTower, can_run_attn_implementation
 
 PIXEL_KEYS = tuple(f"pixel_values_{role}" for role in EXPERT_ROLES)
 PIXEL_MASK_KEYS = tuple(f"pixel_mask_{role}" for role in EXPERT_ROLES)
@@ -789,4 +790,14 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
         return model_inputs
 
 
-__all__ = ["AstreaPreTrainedModel", "AstreaModel", "AstreaForConditionalGeneration"]
+def find_backbone(model: nn.Module) -> nn.Module:
+    """The :class:`AstreaModel` inside ``model``: itself, an ``AstreaForConditionalGeneration``, a PEFT
+    wrapper, or either loaded as remote code (found by class name: remote code has its own classes)."""
+    for module in model.modules():
+        if type(module).__name__ == "AstreaModel":
+            return module
+    raise ValueError(f"no AstreaModel inside the {type(model).__name__} given; pass an Astrea model "
+                     "(AstreaForConditionalGeneration, its backbone, or a PEFT wrapper of it)")
+
+
+__all__ = ["AstreaPreTrainedModel", "AstreaModel", "AstreaForConditionalGeneration", "find_backbone"]

@@ -181,6 +181,12 @@ def _quiet_transformers():
 class GroundingDinoTower(ExpertTower):
     """Grounding-DINO with a fixed prompt; encoder-memory grid tokens or score-ranked query tokens."""
 
+    tower_model_types = ("grounding-dino",)
+
+    @classmethod
+    def tokens_on_grid(cls, config) -> bool:
+        return config.token_source == "encoder"  # the queries are ranked, not placed
+
     def __init__(self, config):
         super().__init__(config)
         tower_config = config.tower_config

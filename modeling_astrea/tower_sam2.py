@@ -125,6 +125,8 @@ def _read_hf_folder_weights(folder: Path) -> dict[str, torch.Tensor] | None:
 class Sam2Tower(ExpertTower):
     """SAM2 image encoder (Hiera + FPN) returning one FPN level as tokens ``(B, h*w, fpn_hidden_size)``."""
 
+    tower_model_types = ("sam2_vision_model",)
+
     def __init__(self, config):
         super().__init__(config)
         tower_config = config.tower_config

@@ -13,3 +13,5 @@ from .towers import register_tower
 @register_tower("siglip")
 class SiglipTower(HFVisionTower):
     """A :class:`HFVisionTower` restricted to ``siglip_vision_model`` / ``siglip2_vision_model`` configs."""
+
+    tower_model_types = ("siglip_vision_model", "siglip2_vision_model")

@@ -85,6 +85,7 @@ class TimmTower(ExpertTower):
         num_prefix_tokens: leading non-patch tokens dropped from 3-D (ViT-like) outputs.
     """
 
+    tower_model_types = ("timm_wrapper",)
     #: Names looked for, in order, when ``load_pretrained`` is given a folder or a bare Hub repo id.
     #: safetensors first: it cannot execute code and loads without unpickling; timm's Hub repos and
     #: OpenCLIP repos use these names. Pickles are read with ``weights_only=True``.

@@ -1,14 +1,15 @@
-"""Expert towers: one registry, one factory, and the helpers every tower shares.
+"""Expert towers: the base class, the registration decorator and the helpers every tower shares.
 
 A tower wraps one pretrained vision backbone and turns pixels into expert tokens
-``(B, N_i, D_i)``. Each kind lives in its own ``tower_<kind>.py`` and registers itself here::
+``(B, N_i, D_i)``. Each kind lives in its own ``tower_<kind>.py`` and registers itself::
 
     @register_tower("siglip")
     class SiglipTower(ExpertTower): ...
 
-:func:`build_tower` builds any registered kind, random, from an :class:`AstreaExpertConfig`;
-``tower.load_pretrained(source)`` then loads real weights from a Hub id or a local path.
-Towers are frozen (eval mode, no gradients) unless their config says ``frozen=False``.
+:mod:`.registry` imports every kind (one line each) and builds them; the class says which
+``tower_config`` model types it reads and whether its tokens lie on a grid, so the configuration's
+checks need no table of their own. ``tower.load_pretrained(source)`` loads real weights from a Hub
+id or a local path. Towers are frozen (eval mode, no gradients) unless their config says ``frozen=False``.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ import abc
 import contextlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..configuration.configuration_astrea import AstreaExpertConfig
+if TYPE_CHECKING:
+    from ..configuration.configuration_astrea import AstreaExpertConfig
 
+#: ``kind -> tower class``, filled by :func:`register_tower` when :mod:`.registry` imports the kinds.
 TOWER_REGISTRY: dict[str, type["ExpertTower"]] = {}
 
 
@@ -37,25 +41,6 @@ def register_tower(kind: str):
     return decorator
 
 
-def build_tower(config: AstreaExpertConfig) -> "ExpertTower":
-    """Build a randomly initialised tower of ``config.kind``."""
-    _import_tower_modules()
-    if config.kind not in TOWER_REGISTRY:
-        raise ValueError(f"unknown expert kind {config.kind!r}; registered kinds: {sorted(TOWER_REGISTRY)}")
-    return TOWER_REGISTRY[config.kind](config)
-
-
-def _import_tower_modules() -> None:
-    # Importing the modules runs their @register_tower decorators. One `from .module import name`
-    # per line: the trust_remote_code loader follows only that form of relative import.
-    from .tower_grounding_dino import GroundingDinoTower  # noqa: F401
-    from .tower_hf_vision import HFVisionTower  # noqa: F401
-    from .tower_ram_plus import RamPlusTower  # noqa: F401
-    from .tower_sam2 import Sam2Tower  # noqa: F401
-    from .tower_siglip import SiglipTower  # noqa: F401
-    from .tower_timm import TimmTower  # noqa: F401
-
-
 class ExpertTower(nn.Module, abc.ABC):
     """Base class of the expert towers.
 
@@ -67,6 +52,13 @@ class ExpertTower(nn.Module, abc.ABC):
     """
 
     kind: str = ""
+    #: ``tower_config.model_type`` values this kind reads (None: any); checked by the configuration.
+    tower_model_types: tuple[str, ...] | None = None
+
+    @classmethod
+    def tokens_on_grid(cls, config: AstreaExpertConfig) -> bool:
+        """Whether the tokens of a tower with ``config`` lie on a 2-D grid (resampled by area pooling / bilinear)."""
+        return True
 
     def __init__(self, config: AstreaExpertConfig):
         super().__init__()
@@ -383,7 +375,6 @@ def tokens_from_feature_map(feature_map: torch.Tensor, channels_last: bool = Fal
 __all__ = [
     "TOWER_REGISTRY",
     "ExpertTower",
-    "build_tower",
     "can_run_attn_implementation",
     "fit_attn_implementation",
     "register_tower",

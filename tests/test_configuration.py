@@ -116,3 +116,48 @@ def test_a_partial_text_config_is_refused_instead_of_silently_becoming_a_7b_llam
     config["text_config"] = {"model_type": "llama", "vocab_size": 320}
     with pytest.raises(ValueError, match="`text_config`.*incomplete.*hidden_size"):
         AstreaConfig(**config)
+
+
+def test_preset_overrides_merge_nested_dicts_and_replace_everything_else():
+    from astrea_vlm.configuration import merge_overrides
+
+    base = {"text_config": {"hidden_size": 64, "vocab_size": 320}, "fusion_top_k": 3, "segmentation_config": {"kind": "sam2"}}
+    merged = merge_overrides(base, {"text_config": {"vocab_size": 1024}, "fusion_top_k": 2, "segmentation_config": None})
+    assert merged == {"text_config": {"hidden_size": 64, "vocab_size": 1024}, "fusion_top_k": 2, "segmentation_config": None}
+    assert base["text_config"]["vocab_size"] == 320  # neither input is modified
+
+    # get_preset uses the same merge: one field of the LLM config changes, the preset's others stay
+    tiny = get_preset("tiny")
+    wider = get_preset("tiny", text_config={"vocab_size": 1024})
+    assert wider.text_config.vocab_size == 1024
+    assert {k: v for k, v in wider.text_config.to_dict().items() if k != "vocab_size"} == \
+        {k: v for k, v in tiny.text_config.to_dict().items() if k != "vocab_size"}
+    assert get_preset("tiny", segmentation_config=None, expert_order=["caption", "classification", "detection"]).num_experts == 3
+
+
+def test_a_new_tower_kind_is_one_class_and_one_registration():
+    """The registry is the only list of kinds: the configuration's checks and the factory read it."""
+    from astrea_vlm.modeling import TOWER_REGISTRY, build_tower
+    from astrea_vlm.modeling.tower_hf_vision import HFVisionTower
+    from astrea_vlm.modeling.towers import register_tower
+
+    tiny = get_preset("tiny").caption_config.to_dict()
+    with pytest.raises(ValueError, match="unknown expert kind"):
+        AstreaExpertConfig(**{**tiny, "kind": "toy_queries"})
+
+    @register_tower("toy_queries")
+    class ToyQueriesTower(HFVisionTower):
+        tower_model_types = ("siglip_vision_model",)
+
+        @classmethod
+        def tokens_on_grid(cls, config):
+            return False
+
+    try:
+        config = AstreaExpertConfig(**{**tiny, "kind": "toy_queries"})
+        assert config.is_grid is False  # read from the class, no table to edit
+        assert isinstance(build_tower(config), ToyQueriesTower)
+        with pytest.raises(ValueError, match="needs a tower_config of model_type"):
+            AstreaExpertConfig(**{**get_preset("tiny").segmentation_config.to_dict(), "kind": "toy_queries"})
+    finally:
+        TOWER_REGISTRY.pop("toy_queries", None)

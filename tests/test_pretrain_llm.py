@@ -23,9 +23,9 @@ def scenes():
 def processor():
     from astrea_vlm.processing import build_processor
 
-    from astrea_vlm.train.run import preset_config
+    from astrea_vlm.configuration import get_preset
 
-    return build_processor(preset_config("tiny", {"text_config": {"vocab_size": 1024}}), tokenizer=pl.load_world_tokenizer())
+    return build_processor(get_preset("tiny", text_config={"vocab_size": 1024}), tokenizer=pl.load_world_tokenizer())
 
 
 def test_cell_coverage_partitions_every_cell(scenes):
@@ -131,7 +131,8 @@ def test_pretraining_lowers_the_loss_and_loads_into_astrea(tmp_path):
     from transformers import LlamaForCausalLM
 
     from astrea_vlm.modeling import AstreaForConditionalGeneration
-    from astrea_vlm.train.run import preset_config, start_from_world_llm
+    from astrea_vlm.configuration import get_preset
+    from astrea_vlm.train.run import start_from_world_llm
 
     settings = pl.PretrainSettings(scenes=24, steps=60, batch_size=16, validation_scenes=8, vocab_size=400, log_every=10)
     summary = pl.pretrain_world_llm(settings, output=tmp_path, log=lambda *_: None)
@@ -142,7 +143,7 @@ def test_pretraining_lowers_the_loss_and_loads_into_astrea(tmp_path):
         "counting", "colour", "existence", "relative_position", "grounding", "multiple_choice"}
 
     # Astrea started from the world LLM computes exactly the pretrained LLM's logits on text.
-    model = AstreaForConditionalGeneration(preset_config("tiny", {"text_config": {"vocab_size": 400}})).eval()
+    model = AstreaForConditionalGeneration(get_preset("tiny", text_config={"vocab_size": 400})).eval()
     tokenizer = start_from_world_llm(model, str(tmp_path))
     assert len(tokenizer) <= 400 and tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
     llama = LlamaForCausalLM(pl.world_text_config(400)).eval()
@@ -154,9 +155,9 @@ def test_pretraining_lowers_the_loss_and_loads_into_astrea(tmp_path):
 
 def test_loading_a_world_llm_of_another_size_names_the_fix(tmp_path):
     from astrea_vlm.modeling import AstreaForConditionalGeneration
-    from astrea_vlm.train.run import preset_config
+    from astrea_vlm.configuration import get_preset
 
-    model = AstreaForConditionalGeneration(preset_config("tiny", {"text_config": {"vocab_size": 512}}))
+    model = AstreaForConditionalGeneration(get_preset("tiny", text_config={"vocab_size": 512}))
     with pytest.raises(ValueError, match="vocab_size"):
         pl.load_world_llm(model, pl.SHIPPED)
     with pytest.raises(FileNotFoundError, match="astrea pretrain-llm"):

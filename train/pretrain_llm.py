@@ -1,47 +1,18 @@
-"""Pretrain the demo's toy LLM once on the synthetic world's language ("world LLM").
+"""Pretrain the demo's toy LLM once on the synthetic world's language (the shipped "world LLM").
 
-Why
-    The paper starts from a pretrained LLM (Vicuna / Yi) that already reads and reasons; Astrea
-    trains the vision side to deliver what that LLM needs. The demo's LLM is 64 wide and 2 layers
-    deep; from random weights it never learns, within the demo's budget, the question x image
-    look-up that existence (hard negatives), relative position and grounding need (README, "Why
-    three question types stayed at the baseline"). This module gives the demo the analogue of a
-    pretrained LLM: a toy LLM that knows the world's words and how to answer questions about a
-    scene it is shown -- trained once, shipped as safetensors, never trained on pixels.
+The paper starts from a pretrained LLM; this gives the demo the analogue: a toy LLM trained on the
+chat-formatted QA of the synthetic world, with a *symbolic scene* in place of the image. Visual
+token ``j`` covers cell ``j`` of a 4x4 grid (the layout of the experts' 16 tokens) and is
 
-What the LLM reads during pretraining
-    The chat-formatted instruction QA the demo trains on (the seven types; ``stage_fraction`` can
-    mix in the alignment stages' cumulative targets, off by default), except that the 16
-    ``<image>`` positions hold a *symbolic scene*, not visual features: token ``j`` covers cell
-    ``j`` of a 4x4 grid (row major, the layout of the experts' 16 tokens) and is the sum of the
-    LLM's own word embeddings of what covers that cell, weighted by the covered fraction of the
-    cell: ``colour + shape`` per visible object, the background's tag word for the rest. It is the
-    language-side analogue of an image: which things are where, in words, with no pixel, tower or
-    projector involved. In the demo the vision path (towers -> projectors -> residual bridges ->
-    MoE fusion) has to learn to produce tokens the LLM can read this way, which is what the
-    paper's pre-alignment is for.
+    t_j = sum_o coverage(o, j) * (E[colour_o] + E[shape_o]) + coverage(background, j) * E[background]
 
-Why the question comes before the image
-    In a causal LLM a visual token can only attend to what precedes it. With the question first,
-    each visual token sees the question and can decide locally whether it holds the asked
-    colour-shape conjunction; the answer then only has to find such a token. With the image first
-    the answer position must itself combine the question's words into a query and match it
-    against sums of words -- measured here: after 192k examples that layout was still at chance on
-    existence (0.504) while the question-first layout reached 0.96 after 256k. The demo therefore
-    uses ``image_position: after`` (the prompt, then the image) for training, evaluation and the
-    pipeline round trip.
-
-What is not in it
-    No image, no visual feature, nothing of the demo's train/validation/test splits: the scenes are
-    drawn from their own split ``"pretrain"`` (seed ``PRETRAIN_SEED``) and scored on
-    ``"pretrain-validation"``. The tokenizer is trained on that split's text and shipped with the
-    weights, so the demo's token ids match the embeddings.
-
-The shipped weights: a 12000-step run under the earlier chat template (``astrea pretrain-llm`` at
-commit 589a404), continued for 600 steps under the current one, which puts a newline before
-``<image>`` (``astrea pretrain-llm --init-from DIR --scenes 2000 --steps 600 --learning-rate 1e-3``);
-``pretrain.json`` records both runs. ``astrea pretrain-llm --output DIR`` at this commit trains under
-the current template from the start (about 35 minutes on an idle 2-core CPU).
+with ``E`` the LLM's own word embeddings (a word of several tokens: their mean) and ``coverage``
+the fraction of the cell that an object's visible pixels (or the background) cover. No pixel, tower
+or projector is involved, and nothing of the demo's splits: the scenes come from their own
+``"pretrain"`` split. The prompt comes before the image
+(``image_position: after``) so that each visual token can attend to the question. Why, and what it
+measures: README, "The world LLM". Rebuild the shipped files with ``astrea pretrain-llm --output DIR``;
+how they were made (a run continued with ``--init-from``): ``train/world_llm/README.md``.
 """
 
 from __future__ import annotations
@@ -316,9 +287,9 @@ def evaluate_symbolic(model, corpus: WorldCorpus, processor, image_token_id: int
 
 def world_text_config(vocab_size: int):
     """The tiny preset's LLM config with the world tokenizer's vocabulary."""
-    from .run import preset_config
+    from ..configuration import get_preset
 
-    return preset_config("tiny", {"text_config": {"vocab_size": vocab_size}}).text_config
+    return get_preset("tiny", text_config={"vocab_size": vocab_size}).text_config
 
 
 def _scenes(split: str, n: int, settings: PretrainSettings, log=print):
@@ -347,11 +318,11 @@ def _pretrain(settings: PretrainSettings, output: Path, log) -> dict[str, Any]:
     from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup
 
     from ..processing import build_processor
-    from .run import preset_config
+    from ..configuration import get_preset
 
     rng = np.random.default_rng(settings.seed)
     train_scenes = _scenes("pretrain", settings.scenes, settings, log)
-    config = preset_config("tiny", {"text_config": {"vocab_size": settings.vocab_size}})
+    config = get_preset("tiny", text_config={"vocab_size": settings.vocab_size})
     if settings.init_from:
         tokenizer = load_world_tokenizer(settings.init_from)
     else:

@@ -13,6 +13,7 @@ from .stages import run_alignment_stages, run_stage
 
 def load_model_and_processor(recipe: Recipe, init_from: str | Path | None = None):
     """The recipe's model: ``init_from`` (a saved folder), ``model.path``, or a random ``model.preset``."""
+    from ..configuration import get_preset
     from ..modeling import AstreaForConditionalGeneration
     from ..processing import AstreaProcessor, build_processor
 
@@ -26,7 +27,7 @@ def load_model_and_processor(recipe: Recipe, init_from: str | Path | None = None
         if preset != "tiny":
             raise ValueError(f"model.preset={preset!r} has no random weights to start from; give model.path (an `astrea create` folder)")
         torch.manual_seed(int(recipe.model.get("seed", recipe.seed)))
-        config = preset_config(preset, recipe.model.get("overrides"))
+        config = get_preset(preset, **(recipe.model.get("overrides") or {}))
         model = AstreaForConditionalGeneration(config)
         llm = recipe.model.get("llm")
         processor = build_processor(config, tokenizer=start_from_world_llm(model, llm) if llm else None)
@@ -54,27 +55,6 @@ def start_from_world_llm(model, llm: str):
     folder = SHIPPED if llm == "world" else Path(llm)
     load_world_llm(model, folder)
     return load_world_tokenizer(folder)
-
-
-def merge_overrides(base: dict, overrides: dict) -> dict:
-    merged = dict(base)
-    for key, value in overrides.items():
-        merged[key] = merge_overrides(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
-    return merged
-
-
-def preset_config(preset: str, overrides: dict | None = None):
-    """The preset's config with a recipe's ``model.overrides`` merged in, nested dicts key by key.
-
-    So ``{text_config: {hidden_size: 128}}`` changes one field of the preset's LLM config (a
-    whole sub-config is never replaced by a partial one).
-    """
-    from ..configuration import AstreaConfig
-    from ..configuration.presets import PRESETS
-
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return AstreaConfig(**merge_overrides(PRESETS[preset](), dict(overrides or {})))
 
 
 def prepare_model(model, recipe: Recipe):

@@ -15,15 +15,16 @@ This module owns:
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..configuration.configuration_astrea import EXPERT_ROLES
+from ..modeling.modeling_astrea import find_backbone
+from .atomic import save_safetensors_atomic, write_json_atomic
 from .sharding import ShardingProbe, full_state_dict, full_tensor, is_rank_zero, is_sharded, load_full_state_dict, on_rank_zero
 
 #: The stage roles, in the paper's default order (one per expert).
@@ -159,8 +160,6 @@ def cache_plan(model) -> dict[str, list[str]]:
     with the projectors frozen) its output ``C_i`` comes from the cache instead (``projected``).
     An expert whose tower trains keeps reading pixels.
     """
-    from .feature_cache import find_backbone
-
     backbone = find_backbone(model)
     plan: dict[str, list[str]] = {"tower": [], "projected": []}
     for role in backbone.active_roles:
@@ -220,9 +219,7 @@ def save_stage_weights(model, folder: Path) -> None:
     with on_rank_zero() as writer:
         if writer:
             folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / "weights.safetensors.tmp"
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-            os.replace(tmp, folder / "weights.safetensors")
+            save_safetensors_atomic(state, folder / "weights.safetensors")
 
 
 def load_stage_weights(model, folder: Path) -> None:
@@ -313,9 +310,7 @@ def run_stage(model, processor, recipe, phase, groups: list[str], roles: list[st
         summary["sharding"] = probe.summary(model)  # the evidence that the run was sharded (tests/test_fsdp.py)
     with on_rank_zero() as writer:
         if writer:
-            tmp = stage_dir / f"{DONE}.tmp"
-            tmp.write_text(json.dumps(summary, indent=1))
-            os.replace(tmp, stage_dir / DONE)
+            write_json_atomic(stage_dir / DONE, summary)
     return summary
 
 

@@ -1,77 +1,10 @@
 """A synthetic visual world for training and testing Astrea offline (numpy + PIL, no downloads).
 
-Each scene is a small RGB picture (default 64x64; ``image_size`` takes an int or ``(width,
-height)``) of 2-5 flat-coloured shapes on a textured background, with every label the four
-pre-alignment experts need and instruction QA of several types.
-
-World
------
-* Shapes (:data:`SHAPES`): circle, square, triangle, star, diamond, cross -- drawn with a random
-  rotation of up to 15 degrees (circles aside), rasterised at 4x and reduced by majority vote, so
-  every pixel is either fully object or fully background (no anti-aliasing: masks are exact).
-* Colours (:data:`COLOURS`): red, green, blue, yellow, purple, orange, white, black. Each object
-  gets its colour plus a uniform per-object shift of up to +-12 per channel; the whole picture then
-  gets Gaussian noise (sigma 5). Backgrounds use low-saturation mid-tone colours (value 0.35-0.7,
-  saturation <= 0.25), so every object colour stays the nearest palette colour of its pixels.
-* Sizes (:data:`SIZES`): small / medium / large, radius 10-13 %, 14-17 %, 18-22 % of the shorter side.
-* Backgrounds (:data:`BACKGROUNDS`): noise, stripes (horizontal / vertical / diagonal), checkerboard,
-  gradient.
-* Occlusion: objects are painted in list order, later ones over earlier ones (``SceneObject.z``).
-  ALL annotations describe VISIBLE pixels: ``mask`` is the object's pixels not covered by a later
-  object, ``box`` the tight pixel-edge box of that mask, ``rle``/``polygons_px`` encode it. A
-  placement is redrawn (up to 30 times, then the object is dropped) when an object would keep less
-  than 60 % of its pixels visible or fewer than ``max(6, 0.4 % of the image)`` pixels, so every
-  annotated object stays recognisable.
-* Repeated shapes are likely (each new object reuses a shape already in the scene with
-  probability 0.4), so counting has answers above one.
-
-Annotations (:class:`Scene`, :class:`SceneObject`)
---------------------------------------------------
-* ``caption``: one template sentence (six templates, optional size words and a spatial clause),
-  naming every object group from left to right, e.g. ``"A red circle, two blue stars and a large
-  green cross on a striped background."`` ``caption_references``: the same content (the same
-  size words and spatial clause) in all six templates, the caption among them; evaluation
-  records use them as the caption's references, training uses ``caption``.
-* ``tags``: RAM-style word list: the shapes present (in :data:`SHAPES` order), the colours
-  present (in :data:`COLOURS` order), then the background's tag (``noise``, ``stripes``,
-  ``checkerboard`` or ``gradient``).
-* per object: ``category`` (``"red circle"``), ``box`` (normalised xyxy), ``mask`` (bool HxW),
-  ``rle`` (COCO uncompressed RLE, column-major), ``polygons_px`` (outer boundaries of the visible
-  mask's 4-connected components in pixel units, largest first; see
-  :func:`astrea_vlm.geometry.mask_to_polygons`), ``area`` (visible pixels), ``visible_fraction``.
-
-Instruction QA (:data:`question_types`)
----------------------------------------
-Every scene has exactly one record of each type (a scene lacking a candidate for some type is
-redrawn). Records are dicts: ``image_id``, ``question_type``, ``question`` (the full prompt,
-options and answer-format hint included), ``answer``, ``options`` (list, MC only, else ``[]``),
-``box`` (normalised xyxy for grounding, else None), ``target`` (the object or category asked
-about, when there is one).
-
-=================== ====================================================== ======================
-type                question                                               answer
-=================== ====================================================== ======================
-counting            How many stars / red shapes / shapes are there?        digits ``"0"``..``"5"``
-colour              What colour is the <shape>? (shape unique in scene)    colour word
-existence           Is there a <colour> <shape> in the image?              ``yes`` / ``no``
-relative_position   Where is the <A> relative to the <B>?                  left/right/above/below
-grounding           Give the bounding box of the <category>.               ``[x1, y1, x2, y2]``
-multiple_choice     shape / colour / count question with options A-D       letter ``A``..``D``
-caption             Describe the image ...                                 the scene's caption
-=================== ====================================================== ======================
-
-Answers are BALANCED over each split: a split keeps per-type answer counters and each scene asks
-the candidate question whose answer is currently least used (ties broken at random), so a
-majority-answer baseline sits near chance (1/2 for existence, ~1/4 for relative position and
-multiple choice, ~1/6 for counting (answers 0-5), ~1/8 for colour); see :func:`majority_baseline`. Relative position uses visible-mask centroids
-and needs a clear dominant axis (>= 2x the other and >= 15 % of the image side); ``"no"``
-existence questions prefer hard negatives (a shape or colour that is present, in another
-combination). Multiple-choice options are the right answer plus three distractors, the right
-letter balanced over A-D.
-
-Determinism: :func:`make_split` seeds ``numpy.random.default_rng([seed, crc32(split name)])``, so
-the same ``(name, n, seed, image_size)`` gives identical images and annotations on every run,
-and train / validation / test (or any two names) draw different scenes from the same base seed.
+Each scene is a small picture of 2-5 flat-coloured shapes (six shapes, eight colours, three sizes,
+rotation, occlusion) on a textured background, with every label the four pre-alignment experts need
+(caption, tags, boxes, masks of the VISIBLE pixels) and one instruction QA record of each of seven
+types, answers balanced over each split. :func:`make_split` is deterministic per ``(name, n, seed,
+image_size)``. The world's rules, annotations and question types: ``docs/synthetic_world.md``.
 """
 
 from __future__ import annotations

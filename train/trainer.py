@@ -39,7 +39,7 @@ import os
 import shutil
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer import TRAINER_STATE_NAME
@@ -47,6 +47,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from trl import SFTTrainer
 
 from ..modeling.checkpoint_files import CorruptCheckpointError, check_safetensors_file, check_torch_zip_file, check_weights_folder
+from ..modeling.modeling_astrea import find_backbone
+from .atomic import fsync_dir, save_safetensors_atomic
 from .moco import MomentumContrast
 from .sharding import is_sharded
 
@@ -59,14 +61,6 @@ SHARDED_STATE = "sharded"
 STAGING_PREFIX = ".partial-"
 
 
-def find_backbone(model: torch.nn.Module) -> torch.nn.Module:
-    """The :class:`AstreaModel` inside ``model`` (plain, PEFT-wrapped, or loaded as remote code)."""
-    for module in model.modules():
-        if type(module).__name__ == "AstreaModel":
-            return module
-    raise ValueError("no AstreaModel found in the model given to AstreaSFTTrainer")
-
-
 class _MomentumUpdate(TrainerCallback):
     def __init__(self, trainer: "AstreaSFTTrainer"):
         self.trainer = trainer
@@ -74,29 +68,6 @@ class _MomentumUpdate(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer.moco is not None:
             self.trainer.moco.update(self.trainer.backbone)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory handles
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _save_atomic(tensors: dict[str, torch.Tensor], path: str) -> None:
-    """Write a safetensors file as ``<path>.tmp``, flush it to disk, then rename it over ``path``."""
-    tmp = f"{path}.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
 
 
 def publish_checkpoint(staged: str, final: str) -> None:
@@ -109,7 +80,7 @@ def publish_checkpoint(staged: str, final: str) -> None:
     if os.path.exists(final):
         os.replace(final, os.path.join(staging_root, "replaced"))
     os.replace(staged, final)
-    _fsync_dir(os.path.dirname(final) or ".")
+    fsync_dir(os.path.dirname(final) or ".")
     shutil.rmtree(staging_root, ignore_errors=True)
 
 
@@ -284,7 +255,7 @@ class AstreaSFTTrainer(SFTTrainer):
             self._staging_run_dir = None
         if self.args.should_save:
             if self.moco is not None:
-                _save_atomic(self.moco.state_dict(), os.path.join(staged, MOCO_STATE))
+                save_safetensors_atomic(self.moco.state_dict(), os.path.join(staged, MOCO_STATE))
             best = self.state.best_model_checkpoint
             if best is not None and os.path.abspath(best).startswith(os.path.abspath(staging_root) + os.sep):
                 self.state.best_model_checkpoint = final

@@ -8,7 +8,7 @@ training batch in place of pixels. Formats, keys, crash safety: ``docs/feature_c
 """
 
 from .collator import BATCH_KEYS, CachedFeatureCollator
-from .keys import KINDS, CacheKey, cache_key, clear_fingerprint_memo, find_backbone, image_hash, preprocessing_spec, weights_fingerprint
+from .keys import KINDS, CacheKey, cache_key, clear_fingerprint_memo, image_hash, preprocessing_spec, weights_fingerprint
 from .store import FeatureCache, FeatureCacheError, MissingFeaturesError, StaleFeaturesError
 
 __all__ = [
@@ -22,7 +22,6 @@ __all__ = [
     "StaleFeaturesError",
     "cache_key",
     "clear_fingerprint_memo",
-    "find_backbone",
     "image_hash",
     "preprocessing_spec",
     "weights_fingerprint",

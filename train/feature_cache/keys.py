@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...modeling.modeling_astrea import find_backbone
 from ..sharding import full_tensor, local_tensor, unsharded_class
 
 FORMAT = "astrea-feature-cache"
@@ -110,16 +111,6 @@ def weights_fingerprint(module: nn.Module) -> str:
 def clear_fingerprint_memo() -> None:
     """Forget memoised weights fingerprints (needed only after writes through ``param.data``)."""
     _WEIGHTS_MEMO.clear()
-
-
-def find_backbone(model: nn.Module) -> nn.Module:
-    """The ``AstreaModel`` inside ``model`` (itself, ``AstreaForConditionalGeneration``, PEFT-wrapped, remote code)."""
-    if type(model).__name__ == "AstreaModel":
-        return model
-    for module in model.modules():
-        if type(module).__name__ == "AstreaModel":
-            return module
-    raise ValueError(f"no AstreaModel inside the {type(model).__name__} given to the feature cache")
 
 
 def astrea_image_processor(processor):

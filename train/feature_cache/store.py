@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..atomic import TEMPORARY_PREFIX, fsync_file, remove_dead_temporaries, temporary_path, write_json_atomic
 from ..sharding import barrier, is_rank_zero, is_sharded
 from .keys import FORMAT, FORMAT_VERSION, CacheKey, astrea_image_processor, cache_key, find_backbone, image_hash, rgb_image
 
@@ -72,40 +73,6 @@ def _differences(cached: dict[str, Any], key: CacheKey) -> list[str]:
 
 
 # ------------------------------------------------------------------------------- file helpers
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path: Path, data: Any, compact: bool = False) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            if compact:
-                json.dump(data, handle, separators=(",", ":"))
-            else:
-                json.dump(data, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
 @contextlib.contextmanager
 def _file_lock(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -308,7 +275,7 @@ class FeatureCache:
         """Add the groups to the top index, and clean their folders of leftovers of killed builds (under the lock)."""
         self.root.mkdir(parents=True, exist_ok=True)
         with _file_lock(self.root / ".lock"):
-            self._remove_dead_temporaries(self.root)
+            remove_dead_temporaries(self.root)
             self._json_cache.pop(self.index_path, None)
             top = self._top()
             changed = False
@@ -323,21 +290,14 @@ class FeatureCache:
                     changed = True
                 self._clean(group_dir, top["groups"][key.group_id])
             if changed or not self.index_path.exists():
-                _write_json_atomic(self.index_path, top)
-
-    @staticmethod
-    def _remove_dead_temporaries(folder: Path) -> None:
-        for path in folder.glob(".tmp-*"):
-            pid = path.name.split("-")[1]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                path.unlink(missing_ok=True)
+                write_json_atomic(self.index_path, top)
 
     def _clean(self, group_dir: Path, meta: dict[str, Any]) -> None:
-        self._remove_dead_temporaries(group_dir)
+        remove_dead_temporaries(group_dir)
         self._json_cache.pop(group_dir / "index.json", None)
         listed = set(self._group_index(meta)["shards"])
         for path in group_dir.glob("*.safetensors"):
-            if path.name not in listed and not path.name.startswith(".tmp-"):  # live builders' temporaries stay
+            if path.name not in listed and not path.name.startswith(TEMPORARY_PREFIX):  # live builders' temporaries stay
                 path.unlink(missing_ok=True)  # renamed by a build killed before it indexed the shard
 
     def _flush(self, key: CacheKey, buffer: dict[str, torch.Tensor]) -> None:
@@ -348,11 +308,11 @@ class FeatureCache:
             return
         group_dir = self.root / key.dirname
         name = f"shard-{uuid.uuid4().hex[:16]}.safetensors"
-        tmp = group_dir / f".tmp-{os.getpid()}-{name}"
+        tmp = temporary_path(group_dir / name)
         metadata = {"format": f"{FORMAT}/{FORMAT_VERSION}", "group": key.group_id, "role": key.role, "kind": key.kind}
         try:
             save_file(buffer, str(tmp), metadata=metadata)
-            _fsync(tmp)
+            fsync_file(tmp)
             with _file_lock(self.root / ".lock"):
                 index_path = group_dir / "index.json"
                 self._json_cache.pop(index_path, None)
@@ -367,7 +327,7 @@ class FeatureCache:
                 number = len(index["shards"]) - 1
                 for digest, tensor in buffer.items():
                     index["images"][digest] = [number, int(tensor.shape[0])]
-                _write_json_atomic(index_path, index, compact=True)
+                write_json_atomic(index_path, index, compact=True)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

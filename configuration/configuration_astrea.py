@@ -7,7 +7,8 @@ An :class:`AstreaConfig` is a composite transformers config. It holds
   stages: ``caption_config`` (global / captioning), ``classification_config`` (tagging),
   ``detection_config`` and ``segmentation_config``. A role set to ``None`` disables that expert;
 * the fields of the projectors, the residual bridge (eq. 2-4), the MoE fusion (eq. 9-10) and the
-  momentum-contrast loss (eq. 5-8, 11).
+  momentum-contrast head (eq. 5-8). The training terms' settings are the trainer's
+  (``AstreaSFTConfig``).
 
 Every sub-config must be complete: transformers builds a sub-config given as a dict with *its
 class defaults*, so ``text_config={"vocab_size": 100}`` means a 7B Llama with a 100-word vocabulary.
@@ -17,6 +18,7 @@ The presets in :mod:`astrea_vlm.configuration.presets` are the easy way to get a
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -64,6 +66,9 @@ GROUNDING_DINO_MAX_SIZE = (1333, 800)
 
 RESAMPLE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos")
 RESIZE_ON = ("pil", "tensor")
+
+#: Fields older configs held that are training settings now (``AstreaSFTConfig``): accepted, ignored.
+TRAINING_SETTINGS = ("moco_queue_size", "moco_momentum", "moco_temperature", "moco_lambda", "moco_mu", "fusion_load_balance_coef")
 
 #: Upper bounds of :meth:`AstreaConfig.validate`'s size checks (far above the paper's 34B model).
 MAX_PARAMETERS = 2 * 10**12
@@ -327,15 +332,10 @@ class AstreaConfig(PreTrainedConfig):
             RMS-normalise each part of the router's input (each expert's pooled tokens and the
             instruction vector) before the linear layer, so that the instruction weighs as much as
             each expert's features whatever their scales.
-        fusion_load_balance_coef (`float`, defaults to 0.0):
-            Weight of a Switch-style load-balancing loss added to ``loss`` when labels are given;
-            0 disables it (the paper uses none).
-        moco_queue_size (`int`, defaults to 4096), moco_momentum (`float`, defaults to 0.999),
-        moco_temperature (`float`, defaults to 0.07), moco_lambda (`float`, defaults to 0.5),
-        moco_mu (`float`, defaults to 0.1), moco_dim (`int`, defaults to 256):
-            Momentum contrast (eq. 5-8, 11): queue length N, EMA coefficient m, temperature tau,
-            row/column weight lambda, loss weight mu and the width of the contrast embedding.
-            They are used by the trainer; the model only stores them.
+        moco_dim (`int`, defaults to 256):
+            Width of the momentum-contrast embedding (the MoCo head's output, eq. 5-8). The loss's
+            settings (queue, momentum, temperature, lambda, mu) and the router's load-balancing
+            weight are training settings: ``AstreaSFTConfig`` (``astrea_vlm.train.trainer``).
         tie_word_embeddings (`bool`, defaults to `False`): tie the LM head to the input embeddings.
         image_position (`str`, defaults to `"before"`), system_prompt (`str`, *optional*):
             The prompt layout the model was trained with: a user turn's images ``"before"`` its
@@ -373,18 +373,20 @@ class AstreaConfig(PreTrainedConfig):
     fusion_routing: str = "image"
     fusion_router_jitter: float = 0.0
     fusion_router_norm: bool = True
-    fusion_load_balance_coef: float = 0.0
-    moco_queue_size: int = 4096
-    moco_momentum: float = 0.999
-    moco_temperature: float = 0.07
-    moco_lambda: float = 0.5
-    moco_mu: float = 0.1
     moco_dim: int = 256
     tie_word_embeddings: bool = False
     image_position: str = "before"
     system_prompt: str | None = None
 
     def __post_init__(self, **kwargs):
+        moved = sorted(k for k in kwargs if k in TRAINING_SETTINGS)
+        if moved:
+            # Configs saved before these moved to the trainer still load; their values are not used.
+            warnings.warn(f"AstreaConfig: {moved} are training settings now, set on AstreaSFTConfig "
+                          "(astrea_vlm.train.trainer) or in a recipe's phase; the values in this config are ignored",
+                          FutureWarning, stacklevel=2)
+            for key in moved:
+                kwargs.pop(key)
         no_experts = all(getattr(self, f"{r}_config") is None for r in EXPERT_ROLES)
         if self.text_config is None and no_experts:
             # A bare AstreaConfig() describes the paper's 13B model (transformers convention).
@@ -493,12 +495,6 @@ class AstreaConfig(PreTrainedConfig):
         _check(self.fusion_router_input in ("visual", "visual+text"), "fusion_router_input", self.fusion_router_input, "use 'visual' or 'visual+text'")
         _check(self.fusion_routing in ("image", "token"), "fusion_routing", self.fusion_routing, "use 'image' or 'token'")
         _check(self.fusion_router_jitter >= 0, "fusion_router_jitter", self.fusion_router_jitter, "must be >= 0")
-        _check(self.fusion_load_balance_coef >= 0, "fusion_load_balance_coef", self.fusion_load_balance_coef, "must be >= 0")
-        _check(self.moco_queue_size >= 1, "moco_queue_size", self.moco_queue_size, "must be >= 1")
-        _check(0.0 <= self.moco_momentum < 1.0, "moco_momentum", self.moco_momentum, "m must lie in [0, 1) (eq. 8)")
-        _check(self.moco_temperature > 0, "moco_temperature", self.moco_temperature, "tau must be > 0")
-        _check(0.0 <= self.moco_lambda <= 1.0, "moco_lambda", self.moco_lambda, "lambda must lie in [0, 1]")
-        _check(self.moco_mu >= 0, "moco_mu", self.moco_mu, "mu must be >= 0")
         _check(self.moco_dim >= 1, "moco_dim", self.moco_dim, "must be >= 1")
         _check(self.image_position in ("before", "after"), "image_position", self.image_position,
                "use 'before' (the images, then the prompt) or 'after' (the prompt, then the images)")
@@ -528,7 +524,7 @@ class AstreaConfig(PreTrainedConfig):
         inter = getattr(text, "intermediate_size", None) or 4 * d
         estimate = 2 * text.vocab_size * d + text.num_hidden_layers * (4 * d * d + 3 * d * inter)
         estimate += self.num_experts * 2 * d * (self.fusion_adapter_dim or d) + 4 * d * d * max(0, self.num_experts - 1)
-        estimate += self.projector_depth * d * d * self.num_experts + d * d + d * self.moco_dim + self.moco_queue_size * self.moco_dim
+        estimate += self.projector_depth * d * d * self.num_experts + d * d + d * self.moco_dim
         for role, expert in self.expert_configs.items():
             tower = expert.tower_config
             width = getattr(tower, "hidden_size", None) or getattr(tower, "d_model", None) or 0
@@ -540,7 +536,7 @@ class AstreaConfig(PreTrainedConfig):
             "text_config / expert sizes",
             f"~{estimate:.3g} parameters",
             f"more than {MAX_PARAMETERS:.0e}, larger than any model this code is meant to build; check hidden_size, "
-            "intermediate_size, num_hidden_layers, vocab_size, fusion_adapter_dim, moco_queue_size and moco_dim",
+            "intermediate_size, num_hidden_layers, vocab_size, fusion_adapter_dim and moco_dim",
         )
 
 

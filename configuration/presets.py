@@ -161,7 +161,6 @@ def _tiny_parts() -> dict[str, Any]:
         "bridge_num_heads": 4,
         "fusion_top_k": 3,
         "fusion_adapter_dim": 64,
-        "moco_queue_size": 64,
         "moco_dim": 32,
     }
 

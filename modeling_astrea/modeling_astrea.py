@@ -167,8 +167,10 @@ class AstreaModelOutputWithPast(BaseModelOutputWithPast):
 class AstreaCausalLMOutputWithPast(ModelOutput):
     """Output of :class:`AstreaForConditionalGeneration`.
 
-    ``loss`` is the autoregressive loss on answer tokens (``labels != -100``; ``<image>`` positions
-    are never targets) plus ``fusion_load_balance_coef * load_balance_loss``.
+    ``loss`` is the autoregressive loss on the labels given (``-100``: ignored; as in LLaVA, whoever
+    builds the labels masks the ``<image>`` positions). Training terms -- the router's load
+    balancing (``load_balance_loss`` is returned), momentum contrast -- are the trainer's
+    (``AstreaSFTTrainer``: TRL never uses a loss computed here).
     ``router_logits`` / ``router_probs`` are ``(n_images, num_experts)`` in ``config.expert_order``
     (``(n_images, N, num_experts)`` with ``fusion_routing="token"``).
     """
@@ -711,12 +713,7 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
             # A data-dependent check: eager only (under torch.compile it would break the graph).
             if not torch.compiler.is_compiling() and bool(((labels != -100) & ((labels < 0) | (labels >= vocab))).any()):
                 raise ValueError(f"`labels` must be -100 (ignored) or token ids in [0, {vocab})")
-            if input_ids is not None:
-                # <image> placeholders are inputs, never targets.
-                labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
-            if self.config.fusion_load_balance_coef > 0 and outputs.load_balance_loss is not None:
-                loss = loss + self.config.fusion_load_balance_coef * outputs.load_balance_loss
 
         return AstreaCausalLMOutputWithPast(
             loss=loss,

@@ -28,7 +28,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from safetensors.torch import save_file  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
-from trl import SFTConfig  # noqa: E402
 
 import astrea_vlm.train.trainer as trainer_module  # noqa: E402
 from astrea_vlm.configuration import get_preset  # noqa: E402
@@ -36,7 +35,7 @@ from astrea_vlm.modeling import AstreaForConditionalGeneration  # noqa: E402
 from astrea_vlm.processing import build_processor  # noqa: E402
 from astrea_vlm.train.distributed_check import textured_colour_dataset  # noqa: E402
 from astrea_vlm.train.stages import configure_stage  # noqa: E402
-from astrea_vlm.train.trainer import AstreaSFTTrainer  # noqa: E402
+from astrea_vlm.train.trainer import AstreaSFTConfig, AstreaSFTTrainer  # noqa: E402
 
 MAX_STEPS = 8
 SAVE_STEPS = 2
@@ -62,13 +61,14 @@ class KillAfterStep(TrainerCallback):
 
 def main(output_dir: str, kill: str | None) -> None:
     # The queue is longer than the keys one run adds, so a lost or repeated enqueue shows.
-    config = get_preset("tiny", moco_queue_size=32)
+    config = get_preset("tiny")
     torch.manual_seed(0)
     model = AstreaForConditionalGeneration(config)
     processor = build_processor(config)
     configure_stage(model, ["router", "adapters", "moco_head", "llm"], list(config.expert_order))
-    args = SFTConfig(
+    args = AstreaSFTConfig(
         output_dir=output_dir,
+        moco_queue_size=32,
         max_steps=MAX_STEPS,
         per_device_train_batch_size=2,  # 3 steps per epoch: the run crosses epoch boundaries
         learning_rate=1e-3,

@@ -66,10 +66,7 @@ BAD = [
     (("bridge_p",), -0.1, "bridge_p"),
     (("bridge_num_heads",), 5, "bridge_num_heads"),
     (("bridge_gamma",), -1.0, "bridge_gamma"),
-    (("moco_momentum",), 1.0, "moco_momentum"),
-    (("moco_temperature",), 0.0, "moco_temperature"),
-    (("moco_lambda",), 2.0, "moco_lambda"),
-    (("moco_queue_size",), 0, "moco_queue_size"),
+    (("moco_dim",), 0, "moco_dim"),
     (("image_token_id",), 10_000, "image_token_id"),
     (("expert_order",), ["caption", "caption", "detection", "segmentation"], "expert_order"),
     (("expert_order",), ["caption", "classification", "detection"], "expert_order"),
@@ -161,3 +158,15 @@ def test_a_new_tower_kind_is_one_class_and_one_registration():
             AstreaExpertConfig(**{**get_preset("tiny").segmentation_config.to_dict(), "kind": "toy_queries"})
     finally:
         TOWER_REGISTRY.pop("toy_queries", None)
+
+
+def test_training_settings_of_older_configs_load_with_a_warning_and_are_not_kept(tmp_path):
+    """moco_* and fusion_load_balance_coef moved to AstreaSFTConfig; folders saved before still load."""
+    import json
+
+    old = get_preset("tiny").to_dict()
+    old.update({"moco_mu": 0.3, "moco_queue_size": 64, "fusion_load_balance_coef": 0.05})
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    with pytest.warns(FutureWarning, match=r"\['fusion_load_balance_coef', 'moco_mu', 'moco_queue_size'\] are training settings now"):
+        config = AstreaConfig.from_pretrained(tmp_path)
+    assert config.moco_dim == 32 and not hasattr(config, "moco_mu") and "moco_queue_size" not in config.to_dict()

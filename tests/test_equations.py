@@ -449,20 +449,18 @@ def _chat_dataset():
 
 @pytest.mark.parametrize("balance", [0.0, 0.3])
 def test_trainer_loss_is_l_reg_on_answer_tokens_plus_mu_l_moco(tmp_path, balance):
-    from trl import SFTConfig
-
     from astrea_vlm.processing import build_processor
-    from astrea_vlm.train.trainer import AstreaSFTTrainer
+    from astrea_vlm.train.trainer import AstreaSFTConfig, AstreaSFTTrainer
 
     # bridge_p = 1 makes the training forward deterministic, so the logits can be recomputed.
-    config = get_preset("tiny", bridge_p=1.0, moco_mu=0.5, moco_temperature=0.5, moco_lambda=0.3,
-                        fusion_load_balance_coef=balance)
+    config = get_preset("tiny", bridge_p=1.0)
     torch.manual_seed(0)
     model = AstreaForConditionalGeneration(config)
     processor = build_processor(config)
-    args = SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, bf16=False,
-                     activation_checkpointing=False, report_to=[], assistant_only_loss=True, save_strategy="no",
-                     max_length=None, use_cpu=True, disable_tqdm=True)
+    args = AstreaSFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, bf16=False,
+                           activation_checkpointing=False, report_to=[], assistant_only_loss=True, save_strategy="no",
+                           max_length=None, use_cpu=True, disable_tqdm=True, moco_queue_size=64, moco_mu=0.5,
+                           moco_temperature=0.5, moco_lambda=0.3, fusion_load_balance_coef=balance)
     trainer = AstreaSFTTrainer(model=model, args=args, train_dataset=_chat_dataset(), processing_class=processor)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
 

@@ -90,7 +90,7 @@ def _tiny_text(**changes):
         ({"text_config": _tiny_text(vocab_size=10**13)}, "text_config / expert sizes"),
         ({"text_config": _tiny_text(num_hidden_layers=10**9)}, "text_config / expert sizes"),
         ({"num_visual_tokens": 10**8}, "num_visual_tokens"),
-        ({"moco_queue_size": 10**12}, "text_config / expert sizes"),
+        ({"moco_dim": 10**12}, "text_config / expert sizes"),
         ({"fusion_adapter_dim": 10**12}, "text_config / expert sizes"),
         ({"text_config": _tiny_text(hidden_size=-64)}, "text_config.hidden_size"),
     ],

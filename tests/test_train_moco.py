@@ -9,14 +9,13 @@ import torch
 
 from astrea_vlm.train.distributed_check import textured_colour_dataset
 from transformers import Trainer, TrainerCallback
-from trl import SFTConfig
 
 from astrea_vlm.configuration import get_preset
 from astrea_vlm.modeling import AstreaForConditionalGeneration
 from astrea_vlm.processing import build_processor
 from astrea_vlm.train.moco import MomentumContrast
 from astrea_vlm.train.stages import configure_stage
-from astrea_vlm.train.trainer import MOCO_STATE, AstreaSFTTrainer
+from astrea_vlm.train.trainer import MOCO_STATE, AstreaSFTConfig, AstreaSFTTrainer
 
 def _dataset(n=16):
     # Coloured images with texture: uniform images would make every visual token identical, and
@@ -49,7 +48,7 @@ def _args(tmp_path, **overrides):
         disable_tqdm=True,
     )
     base.update(overrides)
-    return SFTConfig(**base)
+    return AstreaSFTConfig(**base)
 
 
 # ---------------------------------------------------------------------------- MoCo maths
@@ -107,7 +106,7 @@ def test_instruct_steps_add_moco_log_router_stats_and_update_momentum_encoder(tm
     momentum_before = trainer.moco.head[0].weight.clone()
     queue_before = trainer.moco.queue.clone()
     trainer.train()
-    m = model.config.moco_momentum
+    m = trainer.args.moco_momentum
     # eq. 8 after the single optimizer step
     torch.testing.assert_close(trainer.moco.head[0].weight, m * momentum_before + (1 - m) * model.model.moco_head[0].weight)
     assert int(trainer.moco.queue_ptr) == 4 and not torch.equal(trainer.moco.queue[:4], queue_before[:4])
@@ -122,7 +121,32 @@ def test_instruct_steps_add_moco_log_router_stats_and_update_momentum_encoder(tm
     assert sum(probs) == pytest.approx(1.0, abs=1e-5)
     assert sum(logs[f"router/load_{r}"] for r in model.config.expert_order) == pytest.approx(model.config.fusion_top_k)
     assert 0 < logs["router/entropy"] <= math.log(model.config.fusion_top_k) + 1e-5
-    assert logs["loss"] == pytest.approx(logs["loss_reg"] + model.config.moco_mu * logs["loss_moco"], rel=1e-4)
+    assert logs["loss"] == pytest.approx(logs["loss_reg"] + trainer.args.moco_mu * logs["loss_moco"], rel=1e-4)
+
+
+def test_training_terms_come_from_the_trainer_config(tmp_path):
+    """AstreaSFTConfig holds the MoCo and load-balancing settings; the trainer adds the terms and masks <image> labels."""
+    model, processor = _model()
+    configure_stage(model, ["router", "adapters", "moco_head", "llm"], list(model.config.expert_order))
+    args = _args(tmp_path, max_steps=1, moco_mu=0.0, fusion_load_balance_coef=0.5, moco_queue_size=8)
+    trainer = AstreaSFTTrainer(model=model, args=args, train_dataset=_dataset(), processing_class=processor)
+    assert trainer.moco is None  # mu = 0 leaves MoCo out
+    batch = trainer.data_collator([_dataset()[i] for i in range(2)])
+    image = batch["input_ids"] == model.config.image_token_id
+    model.eval()  # deterministic bridges; metrics of this check go to the "eval" log
+    with torch.no_grad():
+        masked = trainer.compute_loss(model, {**batch, "labels": batch["input_ids"].masked_fill(image, -100)})
+        unmasked = trainer.compute_loss(model, {**batch, "labels": batch["input_ids"].clone()})
+    assert image.any() and torch.equal(masked, unmasked)  # <image> positions are never targets
+    model.train()
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    assert logs["loss_balance"] > 0 and "loss_moco" not in logs
+    assert logs["loss"] == pytest.approx(logs["loss_reg"] + 0.5 * logs["loss_balance"], rel=1e-4)
+
+    with_moco = AstreaSFTTrainer(model=model, args=_args(tmp_path, max_steps=1, moco_queue_size=8, moco_momentum=0.5),
+                                 train_dataset=_dataset(), processing_class=processor)
+    assert with_moco.moco.queue.shape[0] == 8 and with_moco.moco.momentum == 0.5
 
 
 def test_alignment_stage_trains_only_its_projector_and_bridge(tmp_path):

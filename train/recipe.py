@@ -76,14 +76,15 @@ class Recipe:
         return [list(stage) for stage in normalise_order(self.order)]
 
     def training_args(self, phase: PhaseRecipe, output_dir: Path, **overrides):
-        """The ``SFTConfig`` of one stage of ``phase``: the recipe's and the phase's optimiser settings."""
-        from trl import SFTConfig
+        """The :class:`AstreaSFTConfig` of one stage of ``phase``: the recipe's and the phase's settings
+        (optimiser, and the training terms' ``moco_*`` / ``fusion_load_balance_coef``)."""
+        from .trainer import AstreaSFTConfig
 
         optim = {**self.optim, **phase.optim}
         if self.eval_steps > 0:  # off by default: with it, the weights differ in the last float bits (measured)
             overrides = {"eval_strategy": "steps", "eval_steps": self.eval_steps,
                          "per_device_eval_batch_size": int(optim.get("per_device_train_batch_size", 8)), **overrides}
-        return SFTConfig(
+        return AstreaSFTConfig(
             output_dir=str(output_dir),
             max_steps=phase.max_steps,
             per_device_train_batch_size=int(optim.pop("per_device_train_batch_size", 8)),

@@ -1,34 +1,17 @@
-"""``AstreaSFTTrainer``: TRL's ``SFTTrainer`` plus Astrea's training terms.
+"""``AstreaSFTTrainer``: TRL's ``SFTTrainer`` plus Astrea's training terms, set by :class:`AstreaSFTConfig`.
 
 TRL trains VLMs through the backbone with a fused LM head, so a loss computed in
-``AstreaForConditionalGeneration.forward`` is never used. Everything Astrea adds therefore lives
-at ``SFTTrainer``'s documented hooks:
-
-* ``compute_loss`` -- calls TRL's loss (``L_reg``, the autoregressive loss on answer tokens: the
-  data uses ``assistant_only_loss`` and ``<image>`` positions are always masked), then adds
-  ``mu * L_moco`` (eq. 11, see :mod:`astrea_vlm.train.moco`) and, when configured, the router's
-  load-balancing term. The fused visual tokens and router outputs are read with a forward hook on
-  the MoE fusion, so no second forward pass is needed. Logged per step: ``loss_reg``,
-  ``loss_moco``, ``router/prob_<role>``, ``router/load_<role>``, ``router/entropy``.
-* a callback updates the momentum encoder by EMA after every optimizer step (eq. 8);
-* checkpoints hold the momentum encoder and the queue (``moco_state.safetensors``), and
-  ``train(resume_from_checkpoint=...)`` restores them.
-
-Crash safety
-    A checkpoint is written into a hidden staging folder ``.partial-checkpoint-N/checkpoint-N``
-    (weights, optimizer, scheduler, RNG, trainer state and MoCo state) and moved into place as
-    ``checkpoint-N`` with one ``os.replace`` once it is complete. A job killed while saving (even
-    with SIGKILL) therefore leaves either the complete checkpoint or none: ``get_last_checkpoint``
-    never sees the staging folder (its name does not match ``checkpoint-<step>``), and the next save
-    of that step removes it. Before resuming, the checkpoint's files are checked
-    (:mod:`astrea_vlm.modeling.checkpoint_files`) so that a truncated or damaged file is named.
-
-Sharded training (FSDP2, :mod:`astrea_vlm.train.sharding`)
-    A checkpoint of a sharded model holds the model and optimizer states as
-    ``torch.distributed.checkpoint`` shards in ``checkpoint-N/sharded/`` (every rank writes its own
-    file, rank 0 the metadata), each rank's RNG state, and -- from rank 0 -- the scheduler, trainer
-    and MoCo states. ``Trainer`` 5.23 cannot checkpoint the optimizer of a model that owns its
-    sharding (it asks for ``save_only_model``); this class writes and reads these checkpoints itself.
+``AstreaForConditionalGeneration.forward`` is never used: every training term lives here, at
+``SFTTrainer``'s documented hooks. ``compute_loss`` masks ``<image>`` positions out of the labels,
+calls TRL's loss ``L_reg`` and adds ``mu * L_moco`` (eq. 11, :mod:`astrea_vlm.train.moco`) and the
+router's load-balancing term ``fusion_load_balance_coef * L_balance``, reading the fused tokens and
+router outputs with a forward hook (no second forward). A callback updates the momentum encoder
+(eq. 8). Checkpoints hold the MoCo state and are written into a staging folder and renamed into
+place once complete, so a killed save leaves the complete checkpoint or none; before resuming, the
+checkpoint's files are checked (:mod:`astrea_vlm.modeling.checkpoint_files`).
+Under FSDP2 (:mod:`astrea_vlm.train.sharding`) a checkpoint holds the model and optimizer states as
+``torch.distributed.checkpoint`` shards (``checkpoint-N/sharded/``), written and read here: Trainer
+5.23 cannot checkpoint the optimizer of a model that owns its sharding.
 """
 
 from __future__ import annotations
@@ -44,7 +27,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
-from trl import SFTTrainer
+from trl import SFTConfig, SFTTrainer
 
 from ..modeling.checkpoint_files import CorruptCheckpointError, check_safetensors_file, check_torch_zip_file, check_weights_folder
 from ..modeling.modeling_astrea import find_backbone
@@ -117,8 +100,48 @@ def check_checkpoint(folder: str, moco: bool = False) -> None:
         check_safetensors_file(path)
 
 
+@dataclasses.dataclass
+class AstreaSFTConfig(SFTConfig):
+    r"""``SFTConfig`` plus the settings of Astrea's training terms (the model config keeps what the model computes).
+
+    Parameters:
+        moco_queue_size (`int`, defaults to 4096), moco_momentum (`float`, defaults to 0.999),
+        moco_temperature (`float`, defaults to 0.07), moco_lambda (`float`, defaults to 0.5),
+        moco_mu (`float`, defaults to 0.1):
+            Momentum contrast (eq. 5-8, 11): queue length N, EMA coefficient m, temperature tau,
+            row/column weight lambda and the loss weight mu (0 leaves MoCo out).
+        fusion_load_balance_coef (`float`, defaults to 0.0):
+            Weight of the router's Switch-style load-balancing term (0: none, as in the paper).
+    """
+
+    moco_queue_size: int = 4096
+    moco_momentum: float = 0.999
+    moco_temperature: float = 0.07
+    moco_lambda: float = 0.5
+    moco_mu: float = 0.1
+    fusion_load_balance_coef: float = 0.0
+
+    def __post_init__(self):
+        for name, ok, why in (
+            ("moco_queue_size", self.moco_queue_size >= 1, "must be >= 1"),
+            ("moco_momentum", 0.0 <= self.moco_momentum < 1.0, "m must lie in [0, 1) (eq. 8)"),
+            ("moco_temperature", self.moco_temperature > 0, "tau must be > 0"),
+            ("moco_lambda", 0.0 <= self.moco_lambda <= 1.0, "lambda must lie in [0, 1]"),
+            ("moco_mu", self.moco_mu >= 0, "mu must be >= 0"),
+            ("fusion_load_balance_coef", self.fusion_load_balance_coef >= 0, "must be >= 0"),
+        ):
+            if not ok:
+                raise ValueError(f"AstreaSFTConfig: invalid `{name}`={getattr(self, name)!r}: {why}")
+        super().__post_init__()
+
+
+#: The training terms' settings and their defaults (a plain ``SFTConfig`` gets these).
+TRAINING_TERMS = {f.name: f.default for f in dataclasses.fields(AstreaSFTConfig) if f.name in AstreaSFTConfig.__annotations__}
+
+
 class AstreaSFTTrainer(SFTTrainer):
-    """``SFTTrainer`` with the momentum-contrast loss, router statistics and MoCo checkpointing.
+    """``SFTTrainer`` with the momentum-contrast loss, the router's load balancing and statistics, and
+    MoCo checkpointing.
 
     Args:
         use_moco (`bool`, defaults to `True`): add ``mu * L_moco`` (only while the MoE fusion is
@@ -126,8 +149,8 @@ class AstreaSFTTrainer(SFTTrainer):
         gate_lr_multiplier (`float`, defaults to 1.0), router_lr_multiplier (`float`, defaults to 1.0):
             the bridges' tanh gates (a scalar each, starting at 0) and the fusion router train in
             their own optimizer groups at this multiple of the learning rate.
-        All other arguments are ``SFTTrainer``'s. ``mu``, ``m``, ``tau``, ``lambda`` and the queue
-        size come from the model config (``moco_*``).
+        All other arguments are ``SFTTrainer``'s. The terms' settings come from ``args`` (an
+        :class:`AstreaSFTConfig`; a plain ``SFTConfig`` gets :data:`TRAINING_TERMS`' defaults).
     """
 
     def __init__(self, *args, use_moco: bool = True, gate_lr_multiplier: float = 1.0,
@@ -140,22 +163,22 @@ class AstreaSFTTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         self.gate_lr_multiplier, self.router_lr_multiplier = gate_lr_multiplier, router_lr_multiplier
         self.backbone = find_backbone(self.model)
-        config = self.backbone.config
+        terms = {name: getattr(self.args, name, default) for name, default in TRAINING_TERMS.items()}
         self.expert_order = list(self.backbone.expert_order)
-        self.image_token_id = config.image_token_id
+        self.image_token_id = self.backbone.config.image_token_id
         self.moco = None
-        if use_moco and self.backbone.alignment_role is None and config.moco_mu > 0:
+        if use_moco and self.backbone.alignment_role is None and terms["moco_mu"] > 0:
             self.moco = MomentumContrast(
-                self.backbone, config.moco_queue_size, config.moco_momentum, config.moco_temperature, config.moco_lambda
+                self.backbone, terms["moco_queue_size"], terms["moco_momentum"], terms["moco_temperature"], terms["moco_lambda"]
             ).to(next(self.backbone.fusion.parameters()).device)
             self.add_callback(_MomentumUpdate(self))
-        self.moco_mu = config.moco_mu
-        self.load_balance_coef = config.fusion_load_balance_coef
+        self.moco_mu = terms["moco_mu"]
+        self.load_balance_coef = terms["fusion_load_balance_coef"]
 
     # ------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        if "labels" in inputs and "input_ids" in inputs:
+        if "labels" in inputs and "input_ids" in inputs:  # <image> placeholders are inputs, never targets
             inputs["labels"] = inputs["labels"].masked_fill(inputs["input_ids"] == self.image_token_id, -100)
         captured: dict = {}
 
@@ -187,6 +210,7 @@ class AstreaSFTTrainer(SFTTrainer):
             steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
             if self.load_balance_coef > 0:
                 loss = loss + self.load_balance_coef * fusion.load_balance_loss / steps
+                self._metrics[mode]["loss_balance"].append(self._global_mean(fusion.load_balance_loss))
             if use_moco:
                 bridged = captured["args"][0]
                 text = captured["args"][1] if len(captured["args"]) > 1 else None

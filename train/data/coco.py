@@ -146,6 +146,116 @@ def _read_tags(path: str | os.PathLike, report: BuildReport) -> dict[Any, list[s
     return tags
 
 
+def _checked_annotation(ann: Any, index: int, report: BuildReport, required: list[str], what: str,
+                        bad_images: set[Any]) -> Any | None:
+    """The reference of an annotation that is an object with every ``required`` field, else None
+    after reporting why (and marking its image bad)."""
+    report.records += 1
+    ref = ann.get("id", f"annotations[{index}]") if isinstance(ann, dict) else f"annotations[{index}]"
+    if not isinstance(ann, dict):
+        report.add("wrong_type", ref, "an annotation must be an object")
+        return None
+    missing = [k for k in required if k not in ann]
+    if missing:
+        report.add("missing_field", ref, f"{what} annotation without {', '.join(missing)}")
+        bad_images.add(ann.get("image_id"))
+        return None
+    return ref
+
+
+def _read_captions(data: Any, images: dict[Any, dict[str, Any]], report: BuildReport, bad_images: set[Any]) -> dict[Any, list[str]]:
+    """``image id -> captions`` (whitespace folded) of a COCO captions file whose ``images`` are ``images``."""
+    caption_map: dict[Any, list[str]] = {image_id: [] for image_id in images}
+    for index, ann in enumerate(data.get("annotations") or []):
+        ref = _checked_annotation(ann, index, report, ["image_id", "caption"], "caption", bad_images)
+        if ref is None:
+            continue
+        if not isinstance(ann["caption"], str) or not ann["caption"].strip():
+            report.add("wrong_type", ref, "caption must be a non-empty string")
+            bad_images.add(ann["image_id"])
+            continue
+        if ann["image_id"] not in caption_map:
+            report.add("unknown_image", ref, f"image_id {ann['image_id']!r} is not in `images`")
+            continue
+        caption_map[ann["image_id"]].append(" ".join(ann["caption"].split()))
+    return caption_map
+
+
+def _read_categories(data: Any, report: BuildReport) -> dict[Any, str]:
+    categories: dict[Any, str] = {}
+    for index, cat in enumerate(data.get("categories") or []):
+        report.records += 1
+        if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
+            report.add("missing_field", f"categories[{index}]", "a category needs id and name")
+            continue
+        if not isinstance(cat["name"], str):
+            report.add("wrong_type", cat["id"], "category name must be a string")
+            continue
+        categories[cat["id"]] = cat["name"]
+    return categories
+
+
+def _instance(ann: dict[str, Any], ref: Any, image: dict[str, Any], categories: dict[Any, str], has_segmentation: bool,
+              report: BuildReport) -> ObjectAnnotation | None:
+    """One instance annotation as an :class:`ObjectAnnotation` (box normalised and clipped), or None after reporting why."""
+    width, height = image["width"], image["height"]
+    bbox = ann["bbox"]
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+        report.add("wrong_type", ref, "bbox must be [x, y, width, height] numbers")
+        return None
+    x, y, w, h = (float(v) for v in bbox)
+    if w <= 0 or h <= 0:
+        report.add("bad_bbox", ref, f"bbox {list(bbox)} has non-positive size")
+        return None
+    kind, detail, clipped = _check_box(x, y, w, h, width, height)
+    if kind is not None:
+        report.add(kind, ref, f"bbox {list(bbox)} {detail}")
+        return None
+    if clipped:
+        report.clip("bbox", ref)
+    if ann["category_id"] not in categories:
+        report.add("unknown_category", ref, f"category_id {ann['category_id']!r} is not in `categories`")
+        return None
+    polygon = None
+    if has_segmentation:
+        kind, value = _parse_segmentation(ann["segmentation"], width, height)
+        if kind is None:
+            kind, value, clipped = _check_polygon(value, width, height)
+            if clipped:
+                report.clip("polygon", ref)
+        if kind is not None:
+            report.add(kind, ref, value)
+            return None
+        polygon = value
+    box = (max(x, 0.0) / width, max(y, 0.0) / height, min(x + w, width) / width, min(y + h, height) / height)
+    area = float(ann["area"]) if _is_number(ann.get("area")) else w * h
+    return ObjectAnnotation(categories[ann["category_id"]], box, area, polygon)
+
+
+def _read_instances(data: Any, images: dict[Any, dict[str, Any]], report: BuildReport,
+                    bad_images: set[Any]) -> tuple[dict[Any, list[ObjectAnnotation]], bool]:
+    """``(image id -> objects, whether the file has segmentations)`` of a COCO instances file whose ``images`` are ``images``."""
+    categories = _read_categories(data, report)
+    annotations = data.get("annotations") or []
+    has_segmentation = any(isinstance(a, dict) and "segmentation" in a for a in annotations)
+    required = ["image_id", "bbox", "category_id"] + (["segmentation"] if has_segmentation else [])
+    object_map: dict[Any, list[ObjectAnnotation]] = {image_id: [] for image_id in images}
+    for index, ann in enumerate(annotations):
+        ref = _checked_annotation(ann, index, report, required, "instance", bad_images)
+        if ref is None:
+            continue
+        image_id = ann["image_id"]
+        if image_id not in object_map:
+            report.add("unknown_image", ref, f"image_id {image_id!r} is not in `images`")
+            continue
+        instance = _instance(ann, ref, images[image_id], categories, has_segmentation, report)
+        if instance is None:
+            bad_images.add(image_id)
+            continue
+        object_map[image_id].append(instance)
+    return object_map, has_segmentation
+
+
 def load_coco(
     images_dir: str | os.PathLike,
     captions: str | os.PathLike | None = None,
@@ -183,119 +293,32 @@ def load_coco(
     object_map: dict[Any, list[ObjectAnnotation]] | None = None
     has_segmentation = False
 
-    def merge_images(found: dict[Any, dict[str, Any]], what: str) -> None:
+    def read_images(path: str | os.PathLike, what: str) -> tuple[Any, dict[Any, dict[str, Any]]]:
+        """A COCO file and its ``images``, merged into ``entries`` (an image two files describe differently is bad)."""
+        data = read_json(path, what)
+        found = _read_coco_images(data, report, str(path))
         for image_id, entry in found.items():
             previous = entries.get(image_id)
             if previous is not None and previous != entry:
                 report.add("duplicate_id", image_id, f"{what} describes this image differently from another file")
                 bad_images.add(image_id)
             entries.setdefault(image_id, entry)
+        return data, found
 
     caption_ids: set[Any] = set()
     if captions is not None:
-        data = read_json(captions, "captions")
-        found = _read_coco_images(data, report, str(captions))
+        data, found = read_images(captions, "captions")
         caption_ids = set(found)
-        merge_images(found, "captions")
-        caption_map = {image_id: [] for image_id in found}
-        for index, ann in enumerate(data.get("annotations") or []):
-            report.records += 1
-            ref = ann.get("id", f"annotations[{index}]") if isinstance(ann, dict) else f"annotations[{index}]"
-            if not isinstance(ann, dict):
-                report.add("wrong_type", ref, "an annotation must be an object")
-                continue
-            missing = [k for k in ("image_id", "caption") if k not in ann]
-            if missing:
-                report.add("missing_field", ref, f"caption annotation without {', '.join(missing)}")
-                bad_images.add(ann.get("image_id"))
-                continue
-            if not isinstance(ann["caption"], str) or not ann["caption"].strip():
-                report.add("wrong_type", ref, "caption must be a non-empty string")
-                bad_images.add(ann["image_id"])
-                continue
-            if ann["image_id"] not in caption_map:
-                report.add("unknown_image", ref, f"image_id {ann['image_id']!r} is not in `images`")
-                continue
-            caption_map[ann["image_id"]].append(" ".join(ann["caption"].split()))
-
+        caption_map = _read_captions(data, found, report, bad_images)
     instance_ids: set[Any] = set()
     if instances is not None:
-        data = read_json(instances, "instances")
-        found = _read_coco_images(data, report, str(instances))
+        data, found = read_images(instances, "instances")
         instance_ids = set(found)
-        merge_images(found, "instances")
-        categories: dict[Any, str] = {}
-        for index, cat in enumerate(data.get("categories") or []):
-            report.records += 1
-            if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
-                report.add("missing_field", f"categories[{index}]", "a category needs id and name")
-                continue
-            if not isinstance(cat["name"], str):
-                report.add("wrong_type", cat["id"], "category name must be a string")
-                continue
-            categories[cat["id"]] = cat["name"]
-        annotations = data.get("annotations") or []
-        has_segmentation = any(isinstance(a, dict) and "segmentation" in a for a in annotations)
-        object_map = {image_id: [] for image_id in found}
-        for index, ann in enumerate(annotations):
-            report.records += 1
-            ref = ann.get("id", f"annotations[{index}]") if isinstance(ann, dict) else f"annotations[{index}]"
-            if not isinstance(ann, dict):
-                report.add("wrong_type", ref, "an annotation must be an object")
-                continue
-            required = ["image_id", "bbox", "category_id"] + (["segmentation"] if has_segmentation else [])
-            missing = [k for k in required if k not in ann]
-            if missing:
-                report.add("missing_field", ref, f"instance annotation without {', '.join(missing)}")
-                bad_images.add(ann.get("image_id"))
-                continue
-            image_id = ann["image_id"]
-            if image_id not in object_map:
-                report.add("unknown_image", ref, f"image_id {image_id!r} is not in `images`")
-                continue
-            entry = found[image_id]
-            width, height = entry["width"], entry["height"]
-            bbox = ann["bbox"]
-            if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
-                report.add("wrong_type", ref, "bbox must be [x, y, width, height] numbers")
-                bad_images.add(image_id)
-                continue
-            x, y, w, h = (float(v) for v in bbox)
-            if w <= 0 or h <= 0:
-                report.add("bad_bbox", ref, f"bbox {list(bbox)} has non-positive size")
-                bad_images.add(image_id)
-                continue
-            kind, detail, clipped = _check_box(x, y, w, h, width, height)
-            if kind is not None:
-                report.add(kind, ref, f"bbox {list(bbox)} {detail}")
-                bad_images.add(image_id)
-                continue
-            if clipped:
-                report.clip("bbox", ref)
-            if ann["category_id"] not in categories:
-                report.add("unknown_category", ref, f"category_id {ann['category_id']!r} is not in `categories`")
-                bad_images.add(image_id)
-                continue
-            polygon = None
-            if has_segmentation:
-                kind, value = _parse_segmentation(ann["segmentation"], width, height)
-                if kind is None:
-                    kind, value, clipped = _check_polygon(value, width, height)
-                    if clipped:
-                        report.clip("polygon", ref)
-                if kind is not None:
-                    report.add(kind, ref, value)
-                    bad_images.add(image_id)
-                    continue
-                polygon = value
-            box = (max(x, 0.0) / width, max(y, 0.0) / height, min(x + w, width) / width, min(y + h, height) / height)
-            area = float(ann["area"]) if _is_number(ann.get("area")) else w * h
-            object_map[image_id].append(ObjectAnnotation(categories[ann["category_id"]], box, area, polygon))
+        object_map, has_segmentation = _read_instances(data, found, report, bad_images)
 
     tag_map = _read_tags(tags, report) if tags is not None else None
 
     kept: list[AnnotatedImage] = []
-    checked = 0
     for image_id, entry in entries.items():
         problems = False
         if captions is not None and instances is not None:
@@ -315,7 +338,6 @@ def load_coco(
                 report.add("missing_labels", image_id, f"no tags for {entry['file_name']}")
                 problems = True
         path = images_dir / entry["file_name"]
-        checked += 1
         if not check_image_file(path, image_id, entry["width"], entry["height"], report, verify_images):
             problems = True
         if problems or image_id in bad_images:

@@ -481,7 +481,8 @@ def run_ablation(what: str, seeds: int = 3, base: DemoSettings | None = None, re
     base = base or DemoSettings()
     if seeds < 1:
         raise ValueError("--seeds must be at least 1")
-    recipe = load_recipe(base.recipe)
+    # The variants change the recipe as the base settings run it (their overrides included).
+    recipe = dataclasses.replace(load_recipe(base.recipe), **base.recipe_overrides)
     root = Path(base.output) / f"ablation-{what}"
     runs: dict[str, list[dict[str, float]]] = {}
     samples: dict[str, list[dict]] = {}

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from .configuration.presets import PRESETS, TEXT_PRETRAINED, get_preset
+from .configuration import get_preset
+from .configuration.presets import PRESETS, TEXT_PRETRAINED
 from .parts import Part, resolve_parts
 
 #: Tower kinds whose weights are a transformers folder (config.json + safetensors); the others read a checkpoint file.

@@ -29,13 +29,11 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
 from transformers.utils import torch_compilable_check
 from transformers.utils.generic import can_return_tuple
 
@@ -43,147 +41,14 @@ from ..configuration.configuration_astrea import EXPERT_ROLES, AstreaConfig
 from .bridge import ResidualBridge
 from .checkpoint_files import check_weights_folder
 from .fusion import MoEFusion
+from .input_checks import check_features, check_inputs, check_pixel_masks
+from .outputs import AstreaCausalLMOutputWithPast, AstreaImageFeaturesOutput, AstreaModelOutputWithPast
 from .projector import ExpertProjector, resample_tokens
 from .registry import build_tower
 from .towers import ExpertTower, can_run_attn_implementation
 
 PIXEL_KEYS = tuple(f"pixel_values_{role}" for role in EXPERT_ROLES)
 PIXEL_MASK_KEYS = tuple(f"pixel_mask_{role}" for role in EXPERT_ROLES)
-
-
-def _check_pixel_masks(pixel_values: dict, pixel_masks: dict) -> None:
-    for role, mask in pixel_masks.items():
-        name = f"pixel_mask_{role}"
-        if role not in pixel_values:
-            raise ValueError(f"`{name}` was given without `pixel_values_{role}`; pass both (AstreaProcessor makes them together)")
-        if not isinstance(mask, torch.Tensor) or mask.is_floating_point() or mask.is_complex():
-            raise TypeError(f"`{name}` must be an integer or bool tensor (1 on the image, 0 on the padding), got {getattr(mask, 'dtype', type(mask).__name__)}")
-        pixels = pixel_values[role]
-        if pixels.dim() == 4 and tuple(mask.shape) != (pixels.shape[0], *pixels.shape[-2:]):
-            raise ValueError(f"`{name}` must be (n_images, height, width) = {(pixels.shape[0], *pixels.shape[-2:])}, got {tuple(mask.shape)}")
-
-
-def _check_inputs(model, input_ids, inputs_embeds, attention_mask, past_key_values, pixel_values) -> None:
-    """Refuse malformed inputs with a ValueError/TypeError naming them, before torch fails deep inside.
-
-    Three reductions (id range, finite pixels, the cache length) are the only cost; they are skipped
-    while compiling.
-    """
-    if input_ids is not None:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-            raise TypeError(f"`input_ids` must be an integer tensor, got {getattr(input_ids, 'dtype', type(input_ids).__name__)}")
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"`input_ids` must be (batch, seq_len) with seq_len >= 1, got shape {tuple(input_ids.shape)}")
-        shape = tuple(input_ids.shape)
-    else:
-        if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point() or inputs_embeds.dim() != 3:
-            raise TypeError("`inputs_embeds` must be a float tensor (batch, seq_len, hidden_size)")
-        hidden = model.config.text_config.hidden_size
-        if inputs_embeds.shape[1] == 0 or inputs_embeds.shape[-1] != hidden:
-            raise ValueError(f"`inputs_embeds` must be (batch, seq_len >= 1, {hidden}), got {tuple(inputs_embeds.shape)}")
-        shape = tuple(inputs_embeds.shape[:2])
-    for role, value in pixel_values.items():
-        name = f"pixel_values_{role}"
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"`{name}` must be a torch tensor, got {type(value).__name__}; AstreaProcessor returns tensors")
-        if not value.is_floating_point():
-            raise TypeError(
-                f"`{name}` has dtype {value.dtype}: pixel values are normalised floats, not raw image bytes; "
-                "preprocess the images with AstreaProcessor / AstreaImageProcessor"
-            )
-        if value.dim() != 4:
-            raise ValueError(f"`{name}` must be (n_images, 3, height, width), got shape {tuple(value.shape)}")
-    if torch.compiler.is_compiling():
-        return
-    if attention_mask is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
-        # A static cache's length is a tensor: read only outside compilation (a graph break otherwise).
-        cached = past_key_values is not None and (past_key_values.get_seq_length() if hasattr(past_key_values, "get_seq_length") else 1) > 0
-        ok = attention_mask.shape[0] == shape[0] and (attention_mask.shape[1] >= shape[1] if cached else attention_mask.shape[1] == shape[1])
-        if not ok:
-            raise ValueError(f"`attention_mask` has shape {tuple(attention_mask.shape)} but the input is {shape}; pad both the same way")
-    if input_ids is not None:
-        vocab = model.get_input_embeddings().num_embeddings
-        if input_ids.numel() and bool(((input_ids < 0) | (input_ids >= vocab)).any()):
-            raise ValueError(
-                f"`input_ids` holds ids outside the vocabulary [0, {vocab}) (min {int(input_ids.min())}, max {int(input_ids.max())}); "
-                "use the model's tokenizer, or resize the embeddings after adding tokens"
-            )
-    for role, value in pixel_values.items():
-        if value.numel() and not bool(torch.isfinite(value).all()):
-            raise ValueError(f"`pixel_values_{role}` holds NaN or infinite values; check the images and their preprocessing")
-
-
-def _check_features(name: str, value, tokens: int, width: int) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-        raise TypeError(f"`{name}` must be a float tensor, got {getattr(value, 'dtype', type(value).__name__)}")
-    if value.dim() != 3 or value.shape[1:] != (tokens, width):
-        raise ValueError(f"`{name}` must be (n_images, {tokens}, {width}), got shape {tuple(value.shape)}")
-    return value
-
-
-@dataclass
-class AstreaImageFeaturesOutput(BaseModelOutputWithPooling):
-    """Visual side of one forward pass (``get_image_features``), in the transformers 5 layout.
-
-    Args:
-        last_hidden_state (`(n_images, N, D)`): fused visual tokens that replace the ``<image>``
-            placeholders (also reachable as ``fused``).
-        pooler_output (`tuple` of `(N, D)`): the same tokens, one entry per image, as LLaVA's.
-        hidden_states, attentions (`tuple`, when asked): those of the first expert's tower in
-            ``expert_order`` (the stage-1 expert), if its tower reports them (transformers towers do).
-        expert_hidden_states, expert_attentions (`dict[str, tuple]`, when asked): the same for every
-            expert whose tower reports them.
-        expert_features (`dict[str, (n_images, N, D)]`): projector outputs ``C_i`` per expert.
-        bridged_features (`dict[str, (n_images, N, D)]`): expert features after the residual bridge.
-        router_logits, router_probs (`(n_images, E)`, or `(n_images, N, E)` with per-token routing): router
-            outputs, experts in ``expert_order``.
-        load_balance_loss (`()`): the Switch-style balancing term (used when its coefficient > 0).
-    """
-
-    expert_hidden_states: dict[str, tuple[torch.Tensor, ...]] | None = None
-    expert_attentions: dict[str, tuple[torch.Tensor, ...]] | None = None
-    expert_features: dict[str, torch.Tensor] | None = None
-    bridged_features: dict[str, torch.Tensor] | None = None
-    router_logits: torch.Tensor | None = None
-    router_probs: torch.Tensor | None = None
-    load_balance_loss: torch.Tensor | None = None
-
-    @property
-    def fused(self) -> torch.Tensor | None:
-        return self.last_hidden_state
-
-
-@dataclass
-class AstreaModelOutputWithPast(BaseModelOutputWithPast):
-    """:class:`BaseModelOutputWithPast` plus the visual side (``None`` when no image was given)."""
-
-    image_hidden_states: torch.Tensor | None = None
-    router_logits: torch.Tensor | None = None
-    router_probs: torch.Tensor | None = None
-    load_balance_loss: torch.Tensor | None = None
-
-
-@dataclass
-class AstreaCausalLMOutputWithPast(ModelOutput):
-    """Output of :class:`AstreaForConditionalGeneration`.
-
-    ``loss`` is the autoregressive loss on the labels given (``-100``: ignored; as in LLaVA, whoever
-    builds the labels masks the ``<image>`` positions). Training terms -- the router's load
-    balancing (``load_balance_loss`` is returned), momentum contrast -- are the trainer's
-    (``AstreaSFTTrainer``: TRL never uses a loss computed here).
-    ``router_logits`` / ``router_probs`` are ``(n_images, num_experts)`` in ``config.expert_order``
-    (``(n_images, N, num_experts)`` with ``fusion_routing="token"``).
-    """
-
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: object | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
-    image_hidden_states: torch.Tensor | None = None
-    router_logits: torch.Tensor | None = None
-    router_probs: torch.Tensor | None = None
-    load_balance_loss: torch.Tensor | None = None
 
 
 class AstreaPreTrainedModel(PreTrainedModel):
@@ -410,12 +275,12 @@ class AstreaModel(AstreaPreTrainedModel):
             dtype = projector.layers[0].weight.dtype
             if role in expert_features:
                 # Cached C_i are float32; a bf16/fp16 model reads them in its own dtype.
-                feature = _check_features(f"expert_features['{role}']", expert_features[role], self.config.num_visual_tokens, self.config.text_config.hidden_size)
+                feature = check_features(f"expert_features['{role}']", expert_features[role], self.config.num_visual_tokens, self.config.text_config.hidden_size)
                 out[role] = feature.to(dtype)
                 continue
             if role in tower_features:
                 width = self.projectors[role].layers[0].in_features
-                tokens = _check_features(f"tower_features['{role}']", tower_features[role], self.config.num_visual_tokens, width)
+                tokens = check_features(f"tower_features['{role}']", tower_features[role], self.config.num_visual_tokens, width)
             elif pixel_values.get(role) is not None and tower_outputs is not None:
                 tower = self.towers[role]
                 tokens, tower_outputs[role] = tower.forward_with_states(pixel_values[role], output_attentions, pixel_masks.get(role))
@@ -466,7 +331,7 @@ class AstreaModel(AstreaPreTrainedModel):
         """
         pixel_values = {**(pixel_values or {}), **_pixel_dict(pixel_values_caption, pixel_values_classification, pixel_values_detection, pixel_values_segmentation)}
         pixel_masks = {**(pixel_masks or {}), **_pixel_dict(pixel_mask_caption, pixel_mask_classification, pixel_mask_detection, pixel_mask_segmentation)}
-        _check_pixel_masks(pixel_values, pixel_masks)
+        check_pixel_masks(pixel_values, pixel_masks)
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         tower_outputs = {} if output_hidden_states or output_attentions else None
@@ -565,8 +430,8 @@ class AstreaModel(AstreaPreTrainedModel):
             raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
         pixel_values = _pixel_dict(pixel_values_caption, pixel_values_classification, pixel_values_detection, pixel_values_segmentation)
         pixel_masks = _pixel_dict(pixel_mask_caption, pixel_mask_classification, pixel_mask_detection, pixel_mask_segmentation)
-        _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_key_values, pixel_values)
-        _check_pixel_masks(pixel_values, pixel_masks)
+        check_inputs(self, input_ids, inputs_embeds, attention_mask, past_key_values, pixel_values)
+        check_pixel_masks(pixel_values, pixel_masks)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         visual = None

@@ -424,6 +424,7 @@ class AstreaModel(AstreaPreTrainedModel):
         expert_features: dict[str, torch.Tensor] | None = None,
         tower_features: dict[str, torch.Tensor] | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> AstreaModelOutputWithPast | tuple:
         if (input_ids is None) == (inputs_embeds is None):
@@ -465,6 +466,8 @@ class AstreaModel(AstreaPreTrainedModel):
         elif past_key_values is None and not torch.compiler.is_compiling() and bool(self.get_placeholder_mask(input_ids, inputs_embeds).any()):
             raise ValueError("the text holds <image> tokens but no pixel values were given; pass the images to the processor")
 
+        if output_attentions is not None:  # else the language model's own default
+            kwargs["output_attentions"] = output_attentions
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -541,6 +544,7 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> AstreaCausalLMOutputWithPast | tuple:
         outputs = self.model(
@@ -560,6 +564,7 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
             expert_features=expert_features,
             tower_features=tower_features,
             use_cache=use_cache,
+            output_attentions=output_attentions,
             return_dict=True,
             **kwargs,
         )

@@ -120,9 +120,6 @@ class AstreaForConditionalGenerationModelTest(*_BASES, unittest.TestCase):
         "test_sliding_window_mask": "no sliding-window attention",
         "test_resize_position_vector_embeddings": "no position-embedding table (RoPE)",
         "test_sdpa_can_dispatch_non_composite_models": "a composite model (its composite twin below)",
-        # The mixin looks for `output_attentions` in forward's signature or in an evaluated
-        # `**kwargs: Unpack[TransformersKwargs]` annotation; Astrea's forwards take it through **kwargs.
-        "test_eager_matches_sdpa_inference_24_fp32_pad_left_output_attentions": "output_attentions only through **kwargs",
         r"test_keep_in_fp32_modules(_exist)?": "no module kept in float32 (_keep_in_fp32_modules is empty, as LLaVA's)",
         # Architectural: the composite SDPA check finds one modality tower by attribute name (vision_tower,
         # visual, ...); Astrea has four, `model.towers[role]`. test_hf_contract_model's

@@ -167,19 +167,10 @@ def load_image_list(path: str | os.PathLike, images_dir: str | os.PathLike | Non
             raise ValueError(f"{path} holds no image files and is not a `datasets` folder")
         return [str(p) for p in files]
     base = Path(images_dir) if images_dir is not None else path.parent
-    from astrea_vlm.eval.data import parse_json
+    from .eval.data import read_json_records
 
-    if path.suffix == ".jsonl":
-        lines = path.read_text(encoding="utf-8").splitlines()
-        records = [parse_json(line, path, number) for number, line in enumerate(lines, start=1) if line.strip()]
-    elif path.suffix == ".json":
-        records = parse_json(path.read_text(encoding="utf-8"), path)
-        if isinstance(records, dict):
-            found = next((records[k] for k in ("data", "records", "images") if isinstance(records.get(k), list)), None)
-            if found is None:
-                raise ValueError(f"{path}: expected a list, or a dict with the list under 'data', 'records' or 'images'")
-            records = found
-    else:
+    records = read_json_records(path, ("data", "records", "images"))
+    if records is None:
         raise ValueError(f"--data {path}: use a .json / .jsonl file, a `datasets` folder or a folder of images")
     return [image for record in records for image in _record_images(record, base)]
 
@@ -274,6 +265,15 @@ class _DefaultsFormatter(argparse.HelpFormatter):
         return text
 
 
+def _recipe_arguments(parser: argparse.ArgumentParser, resume: str) -> None:
+    """The arguments ``astrea align`` and ``astrea instruct`` share (``resume``: what ``--resume`` does)."""
+    parser.add_argument("--recipe", required=True, help="recipe YAML, or a shipped recipe name (tiny, astrea-13b)")
+    parser.add_argument("--output", help="output folder (default: the recipe's output_dir)")
+    parser.add_argument("--resume", action="store_true", help=resume)
+    parser.add_argument("--fsdp", action="store_true", help="shard the model over the processes of a torchrun launch "
+                        "(FSDP2; the recipe's `distributed: fsdp`); default: the recipe's setting")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``astrea`` argument parser (building it imports nothing heavy)."""
     from astrea_vlm import __version__
@@ -334,20 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.set_defaults(func=_create)
 
     align = command("align", "progressive pre-alignment: caption -> classification -> detection -> segmentation")
-    align.add_argument("--recipe", required=True, help="recipe YAML, or a shipped recipe name (tiny, astrea-13b)")
-    align.add_argument("--output", help="output folder (default: the recipe's output_dir)")
-    align.add_argument("--resume", action="store_true", help="skip finished stages and resume the current one from its last checkpoint")
-    align.add_argument("--fsdp", action="store_true", help="shard the model over the processes of a torchrun launch "
-                       "(FSDP2; the recipe's `distributed: fsdp`); default: the recipe's setting")
+    _recipe_arguments(align, resume="skip finished stages and resume the current one from its last checkpoint")
     align.set_defaults(func=_align)
 
     instruct = command("instruct", "instruction tuning with MoE fusion and momentum contrast")
-    instruct.add_argument("--recipe", required=True, help="recipe YAML, or a shipped recipe name (tiny, astrea-13b)")
-    instruct.add_argument("--output", help="output folder (default: the recipe's output_dir)")
+    _recipe_arguments(instruct, resume="resume from the last checkpoint")
     instruct.add_argument("--init-from", help="aligned folder to start from (default: <output>/aligned; aligned first if missing)")
-    instruct.add_argument("--resume", action="store_true", help="resume from the last checkpoint")
-    instruct.add_argument("--fsdp", action="store_true", help="shard the model over the processes of a torchrun launch "
-                          "(FSDP2; the recipe's `distributed: fsdp`); default: the recipe's setting")
     instruct.set_defaults(func=_instruct)
 
     evaluate = command("eval", "evaluate a model folder on a local dataset (batched greedy generation)")

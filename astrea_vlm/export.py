@@ -1,38 +1,10 @@
 """Export Astrea as a self-contained ``trust_remote_code`` folder.
 
-transformers loads custom code from *flat* ``.py`` files at the root of a model folder: an
-``auto_map`` entry is ``"module.Class"``, and only sibling imports of the form
-``from .module import name`` are followed and copied (``transformers/dynamic_module_utils.py``).
-The package keeps its sources in subpackages (``astrea_vlm.configuration``, ``astrea_vlm.modeling``,
-``astrea_vlm.processing``) that import each other with ``from ..configuration.x import y``, so
-neither ``custom_object_save`` nor a plain copy can ship them. This module **generates** the flat
-files from the package sources instead:
-
-* every shipped module is written under a flat, collision-free name (:data:`FLAT_NAMES`; the towers
-  ``modeling/tower_<kind>.py`` become ``astrea_tower_<kind>.py``, other helpers ``astrea_<name>.py``);
-* every package-relative import is rewritten, with :mod:`ast`, to ``from .<flat_name> import ...``
-  (only the module part of the statement changes; the rest of the file is byte-for-byte the source);
-* a header says which source and astrea-vlm version the file was generated from, and that it must
-  not be edited.
-
-The shipped set is :data:`ROOT_MODULES`, every ``modeling/tower_*.py``, the processor modules once
-they exist, and everything they import from ``astrea_vlm.configuration`` / ``.modeling`` /
-``.processing`` (not the subpackages' ``__init__`` files). An import of anything else of the
-package -- a subpackage ``__init__``, ``astrea_vlm.train``, an absolute ``import astrea_vlm`` --
-raises :class:`ExportError`: such a file would fail wherever astrea-vlm is not installed.
-
-Optional third-party packages (``timm`` for the ``timm`` / ``ram_plus`` experts) are imported inside
-``try:`` in the sources, which transformers' import check skips, so a folder whose config uses no
-timm expert loads without timm.
-
-Usage::
-
-    from astrea_vlm.export import save_hub_folder
-    save_hub_folder(model, "astrea-tiny", processor=processor)
-    # elsewhere, without astrea-vlm installed:
-    AutoModelForImageTextToText.from_pretrained("astrea-tiny", trust_remote_code=True)
-
-or ``python -m astrea_vlm.export FOLDER`` (write the code files) / ``--check`` (report drift).
+transformers loads custom code only from flat files at a folder's root, so the package's
+configuration, modeling and processing modules are generated as flat files (package-relative
+imports rewritten to ``from .<flat_name> import ...``) that load with only transformers installed.
+``save_hub_folder`` writes a folder; ``python -m astrea_vlm.export FOLDER [--check]`` writes the
+code files or reports drift. The naming, what may be imported and why: ``docs/export.md``.
 """
 
 from __future__ import annotations

@@ -38,6 +38,13 @@ def metric_script(name: str) -> Path:
     return _HERE / f"metric_{name}.py"
 
 
+def metric_info(description: str, inputs: str, features):
+    """The ``evaluate.MetricInfo`` of a shipped metric script (``features``: its ``datasets.Features``, or a list of them)."""
+    import evaluate
+
+    return evaluate.MetricInfo(description=description, citation="", inputs_description=inputs, features=features)
+
+
 def load_metric(name: str, **kwargs):
     """``evaluate.load`` of the shipped script for ``name`` (no Hub access); kwargs go to ``evaluate.load``.
 
@@ -59,6 +66,7 @@ __all__ = [
     "grounding_accuracy",
     "image_text_retrieval",
     "load_metric",
+    "metric_info",
     "metric_script",
     "multiple_choice_accuracy",
     "normalize_text",

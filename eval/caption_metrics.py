@@ -1,29 +1,5 @@
 """Captioning metrics in pure Python: BLEU-1..4, ROUGE-L and CIDEr-D, as the COCO caption toolkit
-(``pycocoevalcap``) computes them, without Java.
-
-Inputs are one candidate caption per image and a list of reference captions per image. Captions
-are compared as lists of tokens: :func:`tokenize` lowercases and splits off punctuation, dropping
-the punctuation tokens the COCO toolkit drops after its PTB tokeniser; pass ``tokenize=False`` to
-score captions that are already tokenised (tokens separated by single spaces).
-
-Definitions (``c`` the candidate, ``R`` its references, ``N = 4``):
-
-* **BLEU-n** (corpus level, Papineni et al. 2002): ``BP * (prod_{k<=n} p_k) ** (1/n)``, with
-  ``p_k`` the corpus k-gram precision (each candidate k-gram count clipped to its largest count in
-  any one reference) and ``BP = exp(1 - r/c)`` when the total candidate length ``c`` is below the
-  effective reference length ``r``: the sum, over images, of the reference length closest to the
-  candidate's (ties to the shorter). As in the toolkit, ``p_k = (matches + 1e-15) / (total + 1e-9)``
-  so a corpus with no match scores (almost) 0 instead of failing.
-* **ROUGE-L** (Lin 2004, sentence level): ``F = (1 + b^2) P R / (R + b^2 P)`` with ``b = 1.2``,
-  ``P = max_r LCS(c, r) / |c|``, ``R = max_r LCS(c, r) / |r|`` (the maxima taken separately);
-  0 when either is 0. The corpus score is the mean over images.
-* **CIDEr-D** (Vedantam et al. 2015): n-grams (n = 1..4) weighted by TF-IDF, the term frequency
-  being the raw n-gram count and the IDF ``log(#images) - log(max(1, df))`` with ``df`` the number
-  of images whose references contain the n-gram. For each n the similarity with a reference is
-  ``sum_g min(c_g, r_g) * r_g / (|c| |r|)`` (the clipped dot product over the vector norms, 0 if
-  one norm is 0) times ``exp(-(l_c - l_r)^2 / (2 * 6^2))`` on the unigram counts ``l``; CIDEr-D of
-  an image is ``10 * mean_n mean_r`` of these, and the corpus score the mean over images. The IDF
-  comes from the references of the corpus scored, so the score depends on the whole corpus.
+(``pycocoevalcap``) computes them, without Java. Their definitions: ``docs/caption_metrics.md``.
 """
 
 from __future__ import annotations

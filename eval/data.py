@@ -47,6 +47,23 @@ def parse_json(text: str, path: Path, line: int | None = None):
         raise ValueError(f"{path} is not valid {'JSONL' if line is not None else 'JSON'}: {err.msg} at {where}") from None
 
 
+def read_json_records(path: Path, list_keys: tuple[str, ...]) -> list | None:
+    """The records of a ``.jsonl`` file (one JSON value a line) or a ``.json`` file (a list, or an
+    object holding it under one of ``list_keys``); ``None`` for any other suffix."""
+    if path.suffix == ".jsonl":
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return [parse_json(line, path, number) for number, line in enumerate(lines, start=1) if line.strip()]
+    if path.suffix != ".json":
+        return None
+    data = parse_json(path.read_text(encoding="utf-8"), path)
+    if isinstance(data, Mapping):
+        key = next((k for k in list_keys if isinstance(data.get(k), list)), None)
+        if key is None:
+            raise ValueError(f"{path}: a JSON object needs the records as a list under one of {list_keys}")
+        data = data[key]
+    return data
+
+
 def load_records(path: str | Path) -> tuple[list[dict], Path]:
     """Records of a local data file or folder, and the folder that relative image paths start from."""
     path = Path(path)
@@ -63,18 +80,8 @@ def load_records(path: str | Path) -> tuple[list[dict], Path]:
                 raise ValueError(f"{path} has splits {splits}; keep one, or a 'test' / 'validation' split")
             loaded = loaded[split]
         return [dict(r) for r in loaded], path
-    if path.suffix == ".jsonl":
-        lines = path.read_text(encoding="utf-8").splitlines()
-        records = [parse_json(line, path, number) for number, line in enumerate(lines, start=1) if line.strip()]
-    elif path.suffix == ".json":
-        data = parse_json(path.read_text(encoding="utf-8"), path)
-        if isinstance(data, Mapping):
-            key = next((k for k in _LIST_KEYS if isinstance(data.get(k), list)), None)
-            if key is None:
-                raise ValueError(f"{path}: a JSON object needs the records as a list under one of {_LIST_KEYS}")
-            data = data[key]
-        records = data
-    else:
+    records = read_json_records(path, _LIST_KEYS)
+    if records is None:
         raise ValueError(f"{path}: use a .json or .jsonl file, or a folder saved with datasets' save_to_disk")
     if not isinstance(records, list) or not all(isinstance(r, Mapping) for r in records):
         raise ValueError(f"{path}: the records must be a list of JSON objects")

@@ -1,35 +1,9 @@
 """lmms-eval adapter: ``lmms-eval --model astrea --model_args pretrained=DIR --tasks ...``.
 
-Install with ``pip install "astrea-vlm[lmms]"`` (lmms-eval 0.7.3). lmms-eval finds the model
-through the ``lmms_eval.models`` entry point of this package, which names :func:`lmms_manifest`:
-it returns a ``ModelManifest`` registering :class:`AstreaLmms` as the *chat* implementation of
-``astrea`` (``is_simple = False``), so lmms-eval hands it each request's ``doc_to_messages``.
-
-The import of lmms-eval is guarded: lmms-eval pulls in some 65 packages (wandb, sentence-transformers,
-opencv, yt-dlp, openai, ...) that the rest of astrea does not need, so it is an optional extra and
-this module also imports without it. Then :class:`AstreaLmms` derives from :class:`LmmsStandIn`, a
-minimal local copy of the contract of ``lmms_eval.api.model.lmms`` that the tests run against:
-
-* constructed by ``create_from_arg_string("pretrained=DIR,batch_size=2", {"device": ...})``;
-* ``rank`` / ``world_size`` properties, a ``task_dict`` (``{task: {split: docs}}``) that lmms-eval
-  fills before calling the model, and a ``cache_hook`` with ``add_partial(kind, key, value)``;
-* ``generate_until(requests)``: each request's ``args`` is ``(context, doc_to_messages,
-  generation_kwargs, doc_id, task, split)`` for a chat model; ``doc_to_messages(doc)`` gives
-  ``[{"role", "content": [{"type": "text", "text"} | {"type": "image", "url": PIL image or
-  path}]}]``; the answer strings come back in the order of ``requests``;
-* ``loglikelihood(requests)``: ``args`` is ``(context, doc_to_target, doc_to_visual, doc_id, task,
-  split)``; returns ``(sum of log-probabilities of the continuation, whether it is the greedy
-  continuation)`` per request;
-* ``generate_until_multi_round``: not supported (raises, as several built-in lmms-eval models do).
-
-The prompt layout is the one saved with the model (its processor's chat template: images before
-or after the question, as it was trained), whatever order a task lists a message's parts in; the
-model arg ``image_position=before|after`` overrides it
-(``--model_args pretrained=DIR,image_position=after``).
-
-Generation kwargs understood: ``max_new_tokens`` (default 128), ``temperature`` (0: greedy),
-``do_sample``, ``top_p``, ``num_beams`` and ``until`` (stop strings: the answer is cut at the first).
-Requests are batched ``batch_size`` at a time among those with the same generation kwargs.
+Registered as a chat model through the ``lmms_eval.models`` entry point (:func:`lmms_manifest`).
+lmms-eval is an optional extra (``astrea-vlm[lmms]``); without it :class:`AstreaLmms` derives from
+:class:`LmmsStandIn`, a local copy of the contract the tests run against. The contract, the prompt
+layout and the generation kwargs understood: ``docs/lmms_eval.md``.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 import datasets
 import evaluate
 
+from astrea_vlm.eval import metric_info
 from astrea_vlm.eval.caption_metrics import caption_scores
 
 _DESCRIPTION = """COCO caption metrics as pycocoevalcap computes them (corpus BLEU-1..4, ROUGE-L with beta 1.2,
@@ -21,12 +22,7 @@ Returns:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _INPUTS)
 class Caption(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_INPUTS,
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}),
-        )
+        return metric_info(_DESCRIPTION, _INPUTS, datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}))
 
     def _compute(self, predictions, references, tokenize=True):
         return caption_scores(predictions, references, tokenize=tokenize)

@@ -3,6 +3,7 @@
 import datasets
 import evaluate
 
+from astrea_vlm.eval import metric_info
 from astrea_vlm.eval.metrics import exact_match_score
 
 _DESCRIPTION = """Exact match: 1 when the prediction equals a reference after lowercasing, collapsing whitespace
@@ -19,11 +20,9 @@ Returns:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _INPUTS)
 class ExactMatch(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_INPUTS,
-            features=[
+        return metric_info(
+            _DESCRIPTION, _INPUTS,
+            [
                 datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}),
                 datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
             ],

@@ -3,6 +3,7 @@
 import datasets
 import evaluate
 
+from astrea_vlm.eval import metric_info
 from astrea_vlm.eval.metrics import grounding_iou
 
 _DESCRIPTION = """Grounding accuracy: the first box "[x1, y1, x2, y2]" (integers on a 0-1000 grid) in each
@@ -20,12 +21,7 @@ Returns:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _INPUTS)
 class GroundingAccuracy(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_INPUTS,
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("float64"))}),
-        )
+        return metric_info(_DESCRIPTION, _INPUTS, datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("float64"))}))
 
     def _compute(self, predictions, references, threshold=0.5):
         ious = [grounding_iou(p, b) for p, b in zip(predictions, references)]

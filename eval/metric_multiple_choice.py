@@ -3,6 +3,7 @@
 import datasets
 import evaluate
 
+from astrea_vlm.eval import metric_info
 from astrea_vlm.eval.metrics import option_index, parse_choice
 
 _DESCRIPTION = """Multiple-choice top-1 accuracy: the option a generation picks (by letter, "B", "(B)", "The answer
@@ -20,12 +21,7 @@ Returns:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _INPUTS)
 class MultipleChoice(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_INPUTS,
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
-        )
+        return metric_info(_DESCRIPTION, _INPUTS, datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}))
 
     def _compute(self, predictions, references, options):
         if len(options) != len(predictions):

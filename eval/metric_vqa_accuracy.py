@@ -3,6 +3,7 @@
 import datasets
 import evaluate
 
+from astrea_vlm.eval import metric_info
 from astrea_vlm.eval.metrics import vqa_soft_accuracy
 
 _DESCRIPTION = """VQAv2 accuracy: min(#humans who gave the answer / 3, 1), averaged over the 10-choose-9 subsets
@@ -23,12 +24,7 @@ Example:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _INPUTS)
 class VqaAccuracy(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_INPUTS,
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}),
-        )
+        return metric_info(_DESCRIPTION, _INPUTS, datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}))
 
     def _compute(self, predictions, references):
         scores = [vqa_soft_accuracy(p, r) for p, r in zip(predictions, references)]

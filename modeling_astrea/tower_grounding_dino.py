@@ -1,72 +1,11 @@
-"""Grounding-DINO tower: the detection expert (open Grounding-DINO base, Swin-B, in the paper presets).
+"""Grounding-DINO tower: the detection expert (transformers' ``GroundingDinoModel``; the open
+Grounding-DINO base, Swin-B, in the paper presets -- 1.5 has no public weights).
 
-The tower is transformers' :class:`~transformers.GroundingDinoModel` built from
-``config.tower_config`` (model_type ``grounding-dino``). Grounding-DINO 1.5, which the paper uses,
-has no public weights; the open model has the same structure (Swin backbone, BERT text branch,
-text-enhanced deformable encoder, language-guided query selection, cross-modality decoder).
-
-The prompt
-    The detector cannot run without text. The tower feeds a fixed, class-agnostic prompt given as
-    token ids in ``config.prompt_ids`` (the presets use "object ." = ``[CLS] object . [SEP]`` in
-    bert-base-uncased ids), with an all-ones attention mask and zero token-type ids, expanded over
-    the batch. No tokenizer is needed at run time, and the expert sees the same prompt for every
-    image, so its tokens depend on the image only. The ids include BERT's ``[CLS]``/``.``/``[SEP]``
-    on purpose: Grounding-DINO builds its phrase-level text attention mask and position ids from
-    those special ids.
-
-Two token sources (``config.token_source``)
-    * ``"encoder"`` (default): the text-enhanced image memory of the deformable encoder
-      (``encoder_last_hidden_state_vision``), i.e. every pyramid position after image-text fusion,
-      sliced to pyramid level ``config.feature_level`` and returned in raster order on its
-      ``(h, w)`` grid. These tokens are spatially aligned with the other experts' grids, so eq. 10's
-      token-wise sum mixes features of the same image region. Width ``d_model``.
-    * ``"queries"``: the decoder's final object queries (layer-normed, as the detection heads read
-      them), ranked by their detection score -- the max over the prompt tokens of the contrastive
-      query-text logit, exactly ``GroundingDinoForObjectDetection.logits`` (the sigmoid is monotone,
-      so ranking logits ranks probabilities). All ``num_queries`` queries are returned, best first,
-      each concatenated with its predicted box ``(cx, cy, w, h)`` in ``[0, 1]`` (the box of
-      ``GroundingDinoForObjectDetection.pred_boxes``). Width ``d_model + 4``, ``grid`` is None; the
-      Astrea model keeps the top N. The box regression needs the detection checkpoint's box head,
-      so in this mode the decoder carries it (``decoder.bbox_embed``, which also drives the
-      decoder's iterative box refinement exactly as in ``GroundingDinoForObjectDetection``).
-
-Padded images (``config.keep_aspect_ratio``, the default)
-    The original Grounding-DINO keeps the aspect ratio (shortest side 800, longest at most 1333), so
-    the processor zero-pads a batch at the bottom and right and sends ``pixel_mask`` (1 on the
-    image). The tower honours the mask by cutting each image out of its padding and running the
-    images of one size together, unpadded: exactly what the original computes for one image (its
-    ``predict`` runs one unpadded image). Running the padded batch with the mask instead would not
-    be: ``GroundingDinoModel`` masks padding out of the position embeddings and the deformable
-    attention, but the Swin backbone's shifted windows and patch merging see it, so an image's
-    features would change with the size of its batch-mates (see the model card), and cached
-    features would depend on how images were batched.
-    In encoder mode the level map of each image is then resampled to ``self.grid`` -- area pooling
-    where it shrinks, bilinear where it grows -- so that its tokens cover the whole image, as the
-    square experts' grids do. The Astrea model sets ``grid`` to its token grid (24x24 at paper
-    scale), so the map goes there in one step.
-
-Grid (encoder mode)
-    Level sizes follow from the config: the Swin patch embedding gives ``ceil(S / patch_size)``
-    (it pads), every Swin stage after the first halves with ceil (patch merging pads odd sizes),
-    the backbone returns the stages in ``out_indices``, and each extra level
-    (``num_feature_levels`` beyond the backbone outputs) is a 3x3 stride-2 convolution, again
-    ``ceil(h / 2)``, for height and width alike. At 800x800 with Swin-B: 100, 50, 25 and 13; the
-    paper presets take level 1 (stride 16, 50x50 for a square image), the stride of the SAM2 and
-    SigLIP grids. Every forward checks these sizes against the spatial shapes the model really used.
-
-    The whole model runs in encoder mode, decoder included: skipping the decoder (about 4% of the
-    FLOPs at 800 px) would need a copy of ``GroundingDinoModel.forward``'s input preparation.
-
-Weights (:meth:`GroundingDinoTower.load_pretrained`)
-    From an HF folder or Hub id holding either a ``GroundingDinoModel`` or a
-    ``GroundingDinoForObjectDetection`` checkpoint (whose keys carry a ``model.`` prefix plus the
-    detection head ``bbox_embed.*``). Loading goes through transformers' ``from_pretrained`` so that
-    its key conversions (the Hub files keep the legacy Swin names ``attention.self.query`` ...,
-    which ``save_pretrained`` still writes) and weight tying apply;
-    in encoder mode the detection head is stripped. Query mode needs the box head, so it loads
-    ``GroundingDinoForObjectDetection`` weights, keeps the head's per-layer copies in
-    ``decoder.bbox_embed`` (the class head ``class_embed`` has no weights) and refuses a checkpoint
-    without a box head. Any other missing, unexpected or mis-shaped tensor raises ``ValueError``.
+A fixed class-agnostic prompt (``config.prompt_ids``) drives the text branch. The tokens are the
+encoder's text-enhanced image memory on one pyramid level (``token_source="encoder"``, a grid) or
+the decoder's score-ranked object queries with their boxes (``"queries"``). With ``keep_aspect_ratio``
+every image is cut out of its batch padding (``pixel_mask``) and run unpadded, as the original does.
+The prompt, the padding, the grid sizes and the checkpoints it loads: ``docs/towers.md``.
 """
 
 from __future__ import annotations

@@ -1,26 +1,9 @@
-"""RAM++ tower: the classification / tagging expert (RAM++'s Swin-L image encoder).
+"""RAM++ tower: the classification / tagging expert (RAM++'s Swin-L@384 image encoder, as timm's
+``swin_large_patch4_window12_384``: 12x12 grid tokens of width 1536).
 
-RAM++ (Recognize Anything Plus, ``xinyu1205/recognize-anything-plus-model``) tags images with a
-Swin-L@384 image encoder (``embed_dim`` 192, depths 2-2-18-2, heads 6-12-24-48, window 12). Its
-features are timm's ``swin_large_patch4_window12_384``: 12x12 = 144 tokens of width 1536 at 384 px,
-after the final LayerNorm. RAM++'s own encoder additionally prepends their mean as a "CLS" token;
-the tower keeps only the 144 grid tokens, which is what the grid resampler needs (the mean is a
-function of them).
-
-The released checkpoint ``ram_plus_swin_large_14m.pth`` is a torch pickle ``{"model": state_dict}``
-of the *whole* RAM++ model. The image-encoder keys are prefixed ``visual_encoder.`` and follow the
-original Microsoft Swin layout, which differs from timm's in three ways:
-
-* each stage's ``downsample`` (PatchMerging) sits at the END of stage ``i`` (``layers.i.downsample``)
-  where timm puts it at the START of stage ``i + 1``;
-* ``relative_position_index`` and shifted-window ``attn_mask`` are persistent buffers there, and
-  non-persistent (recomputed, never loaded) in timm;
-* bias tables may be for another window size (resized on load).
-
-:meth:`RamPlusTower.convert_state_dict` keeps the ``visual_encoder.`` keys, strips the prefix and
-hands them to timm's ``swin_transformer.checkpoint_filter_fn``, which does exactly these
-conversions (and is a no-op on timm-layout Swin weights). Every other RAM++ key (``tagging_head.*``,
-``label_embed``, ``image_proj.*``, ``fc.*``, ...) belongs to the tagging decoder and is ignored.
+Loads the image-encoder keys of the released RAM++ checkpoint through timm's Swin checkpoint
+filter; the tagging decoder's keys are ignored. The layout differences it converts:
+``docs/towers.md``.
 """
 
 from __future__ import annotations

@@ -1,51 +1,9 @@
-"""SAM2 tower: the segmentation expert (SAM2.1 Hiera-L image encoder in the paper presets).
+"""SAM2 tower: the segmentation expert (transformers' ``Sam2VisionModel``, Hiera trunk + FPN neck;
+SAM2.1 Hiera-L in the paper presets).
 
-The tower is transformers' native :class:`~transformers.Sam2VisionModel` -- the Hiera trunk plus
-SAM2's FPN neck -- built from ``config.tower_config`` (a ``sam2_vision_model`` config). Nothing of
-the ``sam2`` package is needed at run time.
-
-Which tokens
-    ``Sam2VisionModel`` returns ``fpn_hidden_states`` from high to low resolution: level 0 is the
-    stride-4 map, level 1 stride 8, level 2 stride 16 (the lowest, stride-32 neck output is dropped,
-    as SAM2's ``ImageEncoder(scalp=1)`` does). Levels 0 and 1 are the lateral 1x1 projections of
-    Hiera stages 1 and 2 only (``fpn_top_down_levels=[2, 3]``); level 2 also receives the
-    upsampled stride-32 features and is what SAM2 calls the *image embedding* (``vision_features``,
-    64x64x256 at 1024 px). The tower returns level ``config.feature_level`` flattened in raster
-    order to ``(B, h*w, fpn_hidden_size)``; the paper presets take level 2.
-
-    SAM2's image predictor adds a learned constant ``no_mem_embed`` to that embedding before the
-    mask decoder. It is a single vector added to every token, which the expert projector's first
-    linear layer absorbs into its bias, so the tower leaves it out (it is not part of the image
-    encoder's weights either).
-
-Weights (:meth:`Sam2Tower.load_pretrained`)
-    * the ORIGINAL SAM2 / SAM2.1 checkpoints (``sam2.1_hiera_large.pt``: a torch pickle
-      ``{"model": state_dict}``), read with ``torch.load(weights_only=True)``. Only the
-      ``image_encoder.trunk.*`` (Hiera) and ``image_encoder.neck.*`` (FpnNeck) tensors are used;
-      their names are converted by :func:`convert_original_sam2_state_dict` (mapping below). The
-      rest (``sam_mask_decoder.*``, ``sam_prompt_encoder.*``, ``memory_attention.*``,
-      ``memory_encoder.*``, ``no_mem_embed``, ...) belongs to the prompt/video parts and is ignored;
-    * a transformers folder (or Hub id) holding a saved ``Sam2VisionModel`` (keys ``backbone.*``,
-      ``neck.*``) or ``Sam2Model`` / ``Sam2VideoModel`` (the same under ``vision_encoder.``).
-
-Original -> transformers key mapping (checked numerically against the ``sam2`` 1.1.0 sources; see
-the tests)::
-
-    image_encoder.trunk.patch_embed.proj.*         -> backbone.patch_embed.projection.*
-    image_encoder.trunk.pos_embed                  -> backbone.pos_embed
-    image_encoder.trunk.pos_embed_window           -> backbone.pos_embed_window
-    image_encoder.trunk.blocks.N.norm1.*           -> backbone.blocks.N.layer_norm1.*
-    image_encoder.trunk.blocks.N.norm2.*           -> backbone.blocks.N.layer_norm2.*
-    image_encoder.trunk.blocks.N.attn.qkv.*        -> backbone.blocks.N.attn.qkv.*
-    image_encoder.trunk.blocks.N.attn.proj.*       -> backbone.blocks.N.attn.proj.*
-    image_encoder.trunk.blocks.N.proj.*            -> backbone.blocks.N.proj.*   (stage-change blocks)
-    image_encoder.trunk.blocks.N.mlp.layers.0.*    -> backbone.blocks.N.mlp.proj_in.*
-    image_encoder.trunk.blocks.N.mlp.layers.1.*    -> backbone.blocks.N.mlp.proj_out.*
-    image_encoder.neck.convs.K.conv.*              -> neck.convs.K.*
-
-Both implementations index blocks and neck convolutions the same way (neck conv ``K`` reads Hiera
-stage ``3 - K``), so indices are kept; no tensor is reshaped or transposed. The neck's sine
-position encoding has no weights.
+The tokens are FPN level ``config.feature_level`` in raster order. Weights: the original SAM2
+checkpoints (keys renamed by :func:`convert_original_sam2_state_dict`) or a transformers folder.
+Which level is which, and the key mapping: ``docs/towers.md``.
 """
 
 from __future__ import annotations

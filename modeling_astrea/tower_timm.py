@@ -1,25 +1,8 @@
 """Generic timm tower: any timm backbone as a grid expert (the ``timm`` kind; base of ``ram_plus``).
 
-The backbone is ``timm.create_model(architecture, pretrained=False, num_classes=0, **model_args)``
-from the expert's ``tower_config`` (a transformers ``TimmWrapperConfig``). ``pretrained=False``
-because weights only ever come from :meth:`TimmTower.load_pretrained` (an explicit file, folder or
-Hub id), never from timm's own download path; ``num_classes=0`` because the tower needs features,
-not logits, so no classifier parameters exist at all.
-
-Tokens are taken from ``forward_features`` (the last stage, after the backbone's final norm, before
-any pooling) and flattened to ``(B, H*W, C)`` in raster order. timm backbones come in three output
-layouts, all handled:
-
-* ``(B, C, H, W)`` -- conv nets (ResNet, ConvNeXt, EfficientNet, ...), timm's default;
-* ``(B, H, W, C)`` -- Swin-like models that declare ``output_fmt = "NHWC"``;
-* ``(B, N, C)``    -- ViT-like token sequences; the model's ``num_prefix_tokens`` leading CLS /
-  register / distillation tokens are dropped so that the rest is the patch grid.
-
-The layout and the grid are found once, at construction, by a *shape-only* dry run: the backbone's
-``forward_features`` is run with :func:`torch.func.functional_call` on meta-device copies of its
-parameters and buffers and a meta ``zeros`` input. This is exact for any architecture (no
-per-family arithmetic on strides, padding or windows), costs no compute even for Swin-L@384, and
-works when the tower itself is built on the meta device.
+Tokens are ``forward_features``' last stage, flattened to ``(B, H*W, C)`` in raster order (NCHW,
+NHWC and token-sequence layouts; prefix tokens dropped). The layout and grid come from a
+shape-only dry run on the meta device at construction. Details: ``docs/towers.md``.
 """
 
 from __future__ import annotations

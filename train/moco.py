@@ -1,29 +1,15 @@
 """Momentum contrast for the instruction-tuning stage (paper eq. 5-8, 11).
 
-What is contrasted (eq. 5-7 leave it open)
-    The MoE-fused visual embedding of each image -- the representation the instruct stage trains.
-    The *query* is the online model's fused tokens; the *key* comes from a momentum copy of the
-    trainable visual modules (router + adapters, i.e. ``fusion``, and the ``moco_head``) applied
-    to the same bridged expert features. Each view pools a different random half of the visual
-    tokens (different image regions) before the head, so the positive pair is "two regions of one
-    image under the online and the momentum encoder" and the task is not trivial. Reason: the
-    paper motivates MoCo by more negatives for the visual representation at small batch sizes;
-    the fused embedding is what the router and adapters shape, while towers and projectors are
-    frozen by then, so contrasting it trains exactly the instruct-stage visual modules.
+Queries are the online model's MoE-fused visual tokens, keys a momentum copy of the fusion and the
+``moco_head`` on the same bridged expert features, each view pooling a random half of the tokens
+(what is contrasted and why: the model card). With ``V = [k; Q]`` (keys, then the queue), rows
+``S_r = q V^T / tau``, columns ``S_c = k q^T / tau``, ``r_i`` / ``c_i`` the row / column softmax at
+the sample's own pair::
 
-The loss (our reading of eq. 5-7)
-    With queries ``q`` (B x d), keys ``k`` (B x d), the queue ``Q`` (N x d) of past keys and
-    temperature ``tau``, ``V = [k; Q]`` plays eq. 5's role: rows ``S_r = q V^T / tau`` (B x (B+N)),
-    columns ``S_c = k q^T / tau`` (B x B). ``r_i`` is the row softmax of ``q_i`` at its own key,
-    ``c_i`` the column softmax of ``k_i`` at its own query, and::
+    L_moco = -(1/B) sum_i [lambda * log r_i + (1 - lambda) * log c_i]      L_total = L_reg + mu * L_moco
 
-        L_moco = -(1/B) sum_i [lambda * log r_i + (1 - lambda) * log c_i]
-
-    normalised by the batch size B (eq. 7 writes 1/N over the B current samples; dividing by the
-    number of summed terms keeps mu independent of the queue length). After the loss the keys
-    are enqueued and the oldest dropped (FIFO). ``L_total = L_reg + mu * L_moco`` (eq. 11).
-
-Momentum update (eq. 8): ``theta_M = m * theta_M + (1 - m) * theta_E`` after every optimizer step.
+Keys are enqueued FIFO after the loss; eq. 8's momentum update ``theta_M = m * theta_M +
+(1 - m) * theta_E`` runs after every optimizer step.
 """
 
 from __future__ import annotations

@@ -1,27 +1,8 @@
-"""Warm the tiny towers up on their own specialities, so the four experts really differ.
+"""Warm the tiny towers up on their own specialities, so the four random experts really differ.
 
-The paper's experts arrive pretrained: SigLIP on image-text pairs, RAM++ on tags, Grounding-DINO
-on boxes, SAM2 on masks. Randomly initialised toy towers would all be the same kind of random
-feature extractor, and the router would have nothing to choose between. Before the demo freezes
-them, each tower therefore learns a small supervised task of its kind on the synthetic world's
-training split, read from its own ``num_visual_tokens`` resampled tokens (an ``s x s`` grid, row
-major) through a linear probe that is thrown away afterwards:
-
-=============== ========================================================= ====================
-expert          target                                                    read from
-=============== ========================================================= ====================
-caption         which colour-shape categories the scene holds (48-way)    mean of the tokens
-classification  the RAM-style tags: shapes, colours, background (18-way)  mean of the tokens
-detection       per grid cell: is an object's box centre there, its       each token
-                shape and colour, and its box (x1, y1, x2, y2)
-segmentation    per grid cell: the fraction of object pixels, and the     each token
-                shapes and colours whose visible mask covers it
-=============== ========================================================= ====================
-
-Losses are binary cross-entropy (multi-hot targets) plus mean squared error for the fraction and
-for the boxes (of the cells that hold a box centre).
-Only the towers' parameters change; the towers are frozen again (``freeze_if_configured``) at
-the end. Scenes come from :mod:`astrea_vlm.train.synthetic`; nothing here reads a test split.
+Before the demo freezes them, each tower learns a small supervised task of its kind on the synthetic
+world's training split (categories, tags, boxes, masks), read from its resampled tokens through a
+linear probe that is thrown away. The tasks and losses: ``docs/synthetic_world.md``.
 """
 
 from __future__ import annotations

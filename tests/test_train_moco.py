@@ -224,9 +224,8 @@ def test_resume_without_a_checkpoint_says_so(tmp_path):
 def test_gate_and_router_lr_multipliers_are_own_optimizer_groups_that_follow_the_schedule(tmp_path):
     model, processor = _model()
     configure_stage(model, ["router", "adapters", "moco_head", "bridge", "projector"], list(model.config.expert_order))
-    trainer = AstreaSFTTrainer(model=model, args=_args(tmp_path, max_steps=2, lr_scheduler_type="linear"),
-                               train_dataset=_dataset(), processing_class=processor,
-                               gate_lr_multiplier=50.0, router_lr_multiplier=4.0)
+    args = _args(tmp_path, max_steps=2, lr_scheduler_type="linear", gate_lr_multiplier=50.0, router_lr_multiplier=4.0)
+    trainer = AstreaSFTTrainer(model=model, args=args, train_dataset=_dataset(), processing_class=processor)
     gates = {id(bridge.gate) for bridge in model.model.bridges.values()}
     router = {id(p) for p in model.model.fusion.router.parameters()}
     trainer.create_optimizer_and_scheduler(num_training_steps=2)
@@ -249,3 +248,14 @@ def test_gate_and_router_lr_multipliers_are_own_optimizer_groups_that_follow_the
     trainer.lr_scheduler.step()
     ratios = {round(g["lr"] / g["initial_lr"], 6) for g in groups}
     assert len(ratios) == 1 and ratios.pop() < 1.0
+
+
+def test_lr_multipliers_are_recipe_phase_keys_and_must_be_positive(tmp_path):
+    from astrea_vlm.train.recipe import load_recipe
+
+    recipe = load_recipe("demo")
+    for phase in (recipe.align, recipe.instruct):
+        args = recipe.training_args(phase, tmp_path)
+        assert args.gate_lr_multiplier == 50.0 and args.router_lr_multiplier == 1.0
+    with pytest.raises(ValueError, match="gate_lr_multiplier"):
+        _args(tmp_path, gate_lr_multiplier=0.0)

@@ -37,8 +37,6 @@ class PhaseRecipe:
     optim: dict[str, Any] = field(default_factory=dict)
     lora: dict[str, Any] | None = None
     use_moco: bool = True
-    gate_lr_multiplier: float = 1.0  # the bridges' tanh gates train at this multiple of the lr
-    router_lr_multiplier: float = 1.0  # the fusion router trains at this multiple of the lr
 
 
 @dataclass
@@ -77,7 +75,7 @@ class Recipe:
 
     def training_args(self, phase: PhaseRecipe, output_dir: Path, **overrides):
         """The :class:`AstreaSFTConfig` of one stage of ``phase``: the recipe's and the phase's settings
-        (optimiser, and the training terms' ``moco_*`` / ``fusion_load_balance_coef``)."""
+        (optimiser, and the training terms' ``moco_*`` / ``fusion_load_balance_coef`` / ``*_lr_multiplier``)."""
         from .trainer import AstreaSFTConfig
 
         optim = {**self.optim, **phase.optim}
@@ -163,8 +161,6 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
             trainable=list(trainable),
             lora=parse_lora(lora, f"recipe {path}: {name}.lora"),
             use_moco=bool(body.pop("use_moco", True)),
-            gate_lr_multiplier=float(body.pop("gate_lr_multiplier", 1.0)),
-            router_lr_multiplier=float(body.pop("router_lr_multiplier", 1.0)),
             optim=body,
         )
 

@@ -291,8 +291,6 @@ def run_stage(model, processor, recipe, phase, groups: list[str], roles: list[st
         processing_class=processor,
         data_collator=data_collator,
         use_moco=use_moco,
-        gate_lr_multiplier=getattr(phase, "gate_lr_multiplier", 1.0),
-        router_lr_multiplier=getattr(phase, "router_lr_multiplier", 1.0),
     )
     if cache_dir is not None and data_collator is None:
         use_feature_cache(trainer, model, processor, dataset, cache_dir, log=log, eval_dataset=eval_dataset)

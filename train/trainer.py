@@ -112,6 +112,9 @@ class AstreaSFTConfig(SFTConfig):
             row/column weight lambda and the loss weight mu (0 leaves MoCo out).
         fusion_load_balance_coef (`float`, defaults to 0.0):
             Weight of the router's Switch-style load-balancing term (0: none, as in the paper).
+        gate_lr_multiplier (`float`, defaults to 1.0), router_lr_multiplier (`float`, defaults to 1.0):
+            The bridges' tanh gates (a scalar each, starting at 0) and the fusion router train in
+            their own optimizer groups at this multiple of the learning rate (same schedule).
     """
 
     moco_queue_size: int = 4096
@@ -120,6 +123,8 @@ class AstreaSFTConfig(SFTConfig):
     moco_lambda: float = 0.5
     moco_mu: float = 0.1
     fusion_load_balance_coef: float = 0.0
+    gate_lr_multiplier: float = 1.0
+    router_lr_multiplier: float = 1.0
 
     def __post_init__(self):
         for name, ok, why in (
@@ -129,6 +134,8 @@ class AstreaSFTConfig(SFTConfig):
             ("moco_lambda", 0.0 <= self.moco_lambda <= 1.0, "lambda must lie in [0, 1]"),
             ("moco_mu", self.moco_mu >= 0, "mu must be >= 0"),
             ("fusion_load_balance_coef", self.fusion_load_balance_coef >= 0, "must be >= 0"),
+            ("gate_lr_multiplier", self.gate_lr_multiplier > 0, "must be > 0"),
+            ("router_lr_multiplier", self.router_lr_multiplier > 0, "must be > 0"),
         ):
             if not ok:
                 raise ValueError(f"AstreaSFTConfig: invalid `{name}`={getattr(self, name)!r}: {why}")
@@ -146,22 +153,17 @@ class AstreaSFTTrainer(SFTTrainer):
     Args:
         use_moco (`bool`, defaults to `True`): add ``mu * L_moco`` (only while the MoE fusion is
             active, i.e. not during pre-alignment stages).
-        gate_lr_multiplier (`float`, defaults to 1.0), router_lr_multiplier (`float`, defaults to 1.0):
-            the bridges' tanh gates (a scalar each, starting at 0) and the fusion router train in
-            their own optimizer groups at this multiple of the learning rate.
         All other arguments are ``SFTTrainer``'s. The terms' settings come from ``args`` (an
         :class:`AstreaSFTConfig`; a plain ``SFTConfig`` gets :data:`TRAINING_TERMS`' defaults).
     """
 
-    def __init__(self, *args, use_moco: bool = True, gate_lr_multiplier: float = 1.0,
-                 router_lr_multiplier: float = 1.0, **kwargs):
+    def __init__(self, *args, use_moco: bool = True, **kwargs):
         model, train_args = kwargs.get("model", args[0] if args else None), kwargs.get("args", args[1] if len(args) > 1 else None)
         if model is not None and train_args is not None and is_sharded(model):
             # Trainer refuses to checkpoint a model that owns its sharding unless it saves the model
             # only; the sharded checkpoints are written here instead (_save_sharded_checkpoint).
             train_args.save_only_model = True
         super().__init__(*args, **kwargs)
-        self.gate_lr_multiplier, self.router_lr_multiplier = gate_lr_multiplier, router_lr_multiplier
         self.backbone = find_backbone(self.model)
         terms = {name: getattr(self.args, name, default) for name, default in TRAINING_TERMS.items()}
         self.expert_order = list(self.backbone.expert_order)
@@ -173,6 +175,7 @@ class AstreaSFTTrainer(SFTTrainer):
             ).to(next(self.backbone.fusion.parameters()).device)
             self.add_callback(_MomentumUpdate(self))
         self.moco_mu = terms["moco_mu"]
+        self.gate_lr_multiplier, self.router_lr_multiplier = terms["gate_lr_multiplier"], terms["router_lr_multiplier"]
         self.load_balance_coef = terms["fusion_load_balance_coef"]
 
     # ------------------------------------------------------------------------- loss

@@ -1,9 +1,9 @@
 """Configuration classes and presets of Astrea (``astrea_vlm.configuration``)."""
 
-from .configuration_astrea import EXPERT_ROLES, KIND_PREPROCESSING, AstreaConfig, AstreaExpertConfig, get_preset, tower_kinds
+from .configuration_astrea import EXPERT_ROLES, AstreaConfig, AstreaExpertConfig, get_preset, tower_kinds
 from .presets import PRESETS, merge_overrides
 
-__all__ = ["AstreaConfig", "AstreaExpertConfig", "EXPERT_ROLES", "KIND_PREPROCESSING", "PRESETS", "get_preset", "merge_overrides", "tower_kinds"]
+__all__ = ["AstreaConfig", "AstreaExpertConfig", "EXPERT_ROLES", "PRESETS", "get_preset", "merge_overrides", "tower_kinds"]
 
 
 def _register_auto_config() -> None:

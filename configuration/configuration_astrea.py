@@ -44,23 +44,6 @@ def tower_kinds() -> tuple[str, ...]:
     return tuple(TOWER_REGISTRY)
 
 
-#: Each kind's original preprocessing: ``(resampling filter, what is resized, aspect ratio kept)``.
-#: "pil" resizes the 8-bit image (torchvision ``Resize`` on a PIL image); "tensor" resizes the
-#: [0, 1] float tensor with antialiasing (torchvision ``Resize`` after ``ToTensor``). Sources:
-#: SigLIP's released ``preprocessor_config.json`` (resample 3 = bicubic, 384x384); RAM++'s
-#: ``get_transform`` (``Resize((384, 384))`` on PIL: bilinear); Grounding-DINO's ``load_image``
-#: (``RandomResize([800], max_size=1333)`` on PIL: bilinear, aspect ratio kept); SAM2's
-#: ``SAM2Transforms`` (``ToTensor`` then ``Resize((1024, 1024))``: bilinear, antialiased). The generic
-#: kinds keep bicubic (CLIP, DINOv2 and most timm models).
-KIND_PREPROCESSING = {
-    "siglip": ("bicubic", "pil", False),
-    "ram_plus": ("bilinear", "pil", False),
-    "grounding_dino": ("bilinear", "pil", True),
-    "sam2": ("bilinear", "tensor", False),
-    "hf_vision": ("bicubic", "pil", False),
-    "timm": ("bicubic", "pil", False),
-}
-
 #: Grounding-DINO's longest-side cap relative to its shortest side: 1333 px for 800 px.
 GROUNDING_DINO_MAX_SIZE = (1333, 800)
 
@@ -104,7 +87,7 @@ class AstreaExpertConfig(PreTrainedConfig):
             Per-channel normalisation of the tower's pixels (used by the processor).
         resample (`str`, *optional*):
             Resampling filter of the resize (``nearest``, ``bilinear``, ``bicubic``, ``lanczos``);
-            defaults to the kind's original (:data:`KIND_PREPROCESSING`).
+            defaults to the kind's original (its tower class's ``preprocessing``).
         resize_on (`str`, *optional*):
             ``"pil"``: the 8-bit image is resized (as torchvision's ``Resize`` does on a PIL image);
             ``"tensor"``: the [0, 1] float image is resized with antialiasing (``Resize`` after
@@ -162,7 +145,8 @@ class AstreaExpertConfig(PreTrainedConfig):
             self.image_mean = [0.5, 0.5, 0.5]
         if self.image_std is None:
             self.image_std = [0.5, 0.5, 0.5]
-        resample, resize_on, keep_aspect_ratio = KIND_PREPROCESSING.get(self.kind, KIND_PREPROCESSING["siglip"])
+        tower = _tower_class(self.kind)  # None for an unknown kind: validate_expert names it
+        resample, resize_on, keep_aspect_ratio = tower.preprocessing if tower is not None else ("bicubic", "pil", False)
         if self.resample is None:
             self.resample = resample
         if self.resize_on is None:
@@ -550,4 +534,4 @@ def get_preset(name: str, **overrides: Any) -> AstreaConfig:
     return AstreaConfig(**preset_parts(name, overrides))
 
 
-__all__ = ["AstreaConfig", "AstreaExpertConfig", "EXPERT_CONFIG_CLASSES", "EXPERT_ROLES", "KIND_PREPROCESSING", "get_preset", "tower_kinds"]
+__all__ = ["AstreaConfig", "AstreaExpertConfig", "EXPERT_CONFIG_CLASSES", "EXPERT_ROLES", "get_preset", "tower_kinds"]

@@ -121,6 +121,7 @@ class GroundingDinoTower(ExpertTower):
     """Grounding-DINO with a fixed prompt; encoder-memory grid tokens or score-ranked query tokens."""
 
     tower_model_types = ("grounding-dino",)
+    preprocessing = ("bilinear", "pil", True)  # load_image: RandomResize([800], max_size=1333) on PIL
 
     @classmethod
     def tokens_on_grid(cls, config) -> bool:

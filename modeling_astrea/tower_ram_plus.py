@@ -30,6 +30,7 @@ class RamPlusTower(TimmTower):
     timm ``SwinTransformer`` because the RAM++ key conversion is Swin's.
     """
 
+    preprocessing = ("bilinear", "pil", False)  # RAM++'s get_transform: Resize((384, 384)) on PIL
     #: Key prefix of RAM++'s image encoder inside the full-model checkpoint.
     visual_prefix: str = "visual_encoder."
     #: A local folder is searched for the released RAM++ file first, then for timm-style weights.

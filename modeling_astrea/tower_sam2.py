@@ -84,6 +84,7 @@ class Sam2Tower(ExpertTower):
     """SAM2 image encoder (Hiera + FPN) returning one FPN level as tokens ``(B, h*w, fpn_hidden_size)``."""
 
     tower_model_types = ("sam2_vision_model",)
+    preprocessing = ("bilinear", "tensor", False)  # SAM2Transforms: ToTensor, then an antialiased Resize((1024, 1024))
 
     def __init__(self, config):
         super().__init__(config)

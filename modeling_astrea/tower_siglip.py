@@ -15,3 +15,4 @@ class SiglipTower(HFVisionTower):
     """A :class:`HFVisionTower` restricted to ``siglip_vision_model`` / ``siglip2_vision_model`` configs."""
 
     tower_model_types = ("siglip_vision_model", "siglip2_vision_model")
+    preprocessing = ("bicubic", "pil", False)  # the released preprocessor_config.json: resample 3, 384x384

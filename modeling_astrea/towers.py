@@ -54,6 +54,11 @@ class ExpertTower(nn.Module, abc.ABC):
     kind: str = ""
     #: ``tower_config.model_type`` values this kind reads (None: any); checked by the configuration.
     tower_model_types: tuple[str, ...] | None = None
+    #: The kind's original preprocessing, the defaults of its config's ``resample``, ``resize_on`` and
+    #: ``keep_aspect_ratio``: the resampling filter, what is resized ("pil": the 8-bit image, as
+    #: torchvision's ``Resize`` on a PIL image; "tensor": the [0, 1] float image, antialiased) and
+    #: whether the aspect ratio is kept. Bicubic on the 8-bit image: CLIP, DINOv2, most timm models.
+    preprocessing: tuple[str, str, bool] = ("bicubic", "pil", False)
 
     @classmethod
     def tokens_on_grid(cls, config: AstreaExpertConfig) -> bool:

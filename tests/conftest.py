@@ -12,6 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# tests/mutation/ is a slow tool run by hand (its README section says how), not part of the suite.
+collect_ignore = ["mutation"]
+
 try:  # hypothesis' default 200 ms deadline per example is a wall-clock assertion: off for the whole suite
     from hypothesis import settings as _hypothesis_settings
 

@@ -316,6 +316,18 @@ def test_fused_tokens_are_the_probability_weighted_sum_of_the_kept_adapters(top_
     torch.testing.assert_close(_d(out.router_probs), probs, rtol=0, atol=1e-6)
 
 
+def test_router_softmax_runs_in_float32_when_the_fusion_runs_in_bf16():
+    """Mixed precision: eq. 9's P_i come from float32 logits (bf16 would keep about 3 significant digits)."""
+    fusion, config = _fusion(3)
+    fusion = fusion.to(torch.bfloat16)
+    generator = torch.Generator().manual_seed(2)
+    features = [torch.randn(5, 4, config.text_config.hidden_size, generator=generator).bfloat16() for _ in range(4)]
+    with torch.no_grad():
+        out = fusion(features)
+    assert out.router_logits.dtype == out.router_probs.dtype == torch.float32
+    torch.testing.assert_close(_d(out.router_probs), _route_by_hand(out.router_logits, 3), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 def test_load_balance_term_is_experts_times_slot_share_times_mean_probability(top_k):
     fusion, config = _fusion(top_k)

@@ -259,3 +259,19 @@ def test_lr_multipliers_are_recipe_phase_keys_and_must_be_positive(tmp_path):
         assert args.gate_lr_multiplier == 50.0 and args.router_lr_multiplier == 1.0
     with pytest.raises(ValueError, match="gate_lr_multiplier"):
         _args(tmp_path, gate_lr_multiplier=0.0)
+
+
+def test_momentum_update_reads_the_online_encoder_after_the_optimizer_step(tmp_path):
+    """Eq. 8 after step t: theta_m <- m * theta_m + (1 - m) * theta_e(t + 1), not the pre-step theta_e(t)."""
+    model, processor = _model()
+    configure_stage(model, ["router", "adapters", "moco_head", "llm"], list(model.config.expert_order))
+    trainer = AstreaSFTTrainer(model=model, args=_args(tmp_path, max_steps=1, learning_rate=0.05), train_dataset=_dataset(),
+                               processing_class=processor)
+    trainer.moco.momentum = 0.5  # (1 - m) large enough that the step's change shows far above rounding
+    momentum_before = {n: p.detach().clone() for n, p in trainer.moco.head.named_parameters()}
+    online_before = {n: p.detach().clone() for n, p in model.model.moco_head.named_parameters()}
+    trainer.train()
+    online_after = {n: p.detach() for n, p in model.model.moco_head.named_parameters()}
+    assert max(float((online_after[n] - online_before[n]).abs().max()) for n in online_before) > 1e-2  # the step moved it
+    for name, theta_m in trainer.moco.head.named_parameters():
+        torch.testing.assert_close(theta_m, 0.5 * momentum_before[name] + 0.5 * online_after[name], rtol=0, atol=1e-6)

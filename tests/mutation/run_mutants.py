@@ -10,7 +10,7 @@ defines (the reason says why); it is skipped unless ``--run-equivalent`` asks fo
 survives every test file it runs, which is slow), and reported if a test does catch it. The score
 is ``killed / (mutants - equivalent)``; every non-equivalent mutant should be killed.
 
-    python tests/mutation/run_mutants.py                 # about 30 min on 2 busy cores
+    python tests/mutation/run_mutants.py                 # 15-25 min on 2 shared cores
     python tests/mutation/run_mutants.py --only bridge-kv-previous,fusion-balance-no-k
     python tests/mutation/run_mutants.py --list
 

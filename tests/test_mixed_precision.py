@@ -88,9 +88,9 @@ def _reference_bridge(bridge, current, previous, generator=None):
     return current + torch.tanh(bridge.gate) * bridge.o_proj(attended.transpose(1, 2).reshape(batch, n, dim))
 
 
-def _reference_fusion(fusion, features):
+def _reference_fusion(fusion, features, text_features=None):
     """Eq. 9-10 written out directly, in the order of operations of the original float32 code."""
-    logits = fusion.router(features).float()
+    logits = fusion.router(features, text_features).float()
     probs = fusion.route(logits)
     fused = torch.zeros_like(features[0])
     for index, (adapter, feature) in enumerate(zip(fusion.adapters, features)):
@@ -115,8 +115,10 @@ def test_float32_forward_is_bit_identical_to_the_direct_equations(tester, traini
         features = backbone.get_expert_features({role: pixels[f"pixel_values_{role}"] for role in backbone.expert_order})
         bridged = [features[role] if k == 0 else _reference_bridge(backbone.bridges[role], features[role], [features[r] for r in backbone.expert_order[:k]])
                    for k, role in enumerate(backbone.expert_order)]
-        fused = _reference_fusion(backbone.fusion, bridged)
         embeds = backbone.get_input_embeddings()(ids)
+        # the default router also reads the text before each image (eq. 9 given the question)
+        text = backbone.instruction_features(embeds, None, ids == model.config.image_token_id)
+        fused = _reference_fusion(backbone.fusion, bridged, text)
         embeds = embeds.masked_scatter((ids == model.config.image_token_id)[..., None], fused.reshape(-1, fused.shape[-1]))
         expected = model.lm_head(backbone.language_model(inputs_embeds=embeds).last_hidden_state)
     assert logits.dtype == torch.float32

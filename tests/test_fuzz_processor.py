@@ -56,11 +56,18 @@ def _check_pixels(batch, n_views: int) -> None:
         if spec["keep_aspect_ratio"]:  # padded at the bottom and right; the mask marks each view's resized image
             mask = batch[f"pixel_mask_{role}"]
             assert pixels.shape[:2] == (n_views, 3) and tuple(mask.shape) == (n_views, *pixels.shape[2:]), role
+            extents = []
             for view_pixels, view_mask in zip(pixels, mask.bool()):
                 height, width = int(view_mask[:, 0].sum()), int(view_mask[0, :].sum())
                 assert bool(view_mask[:height, :width].all()) and int(view_mask.sum()) == height * width, role
-                assert 1 <= min(height, width) <= spec["size"], (role, height, width)  # exact sizes: test_preprocessing_fidelity
+                # the shortest side is `size`, unless the longest side reached its cap (exact sizes:
+                # test_preprocessing_fidelity)
+                capped = spec["max_size"] is not None and max(height, width) >= spec["max_size"] - 2
+                assert min(height, width) == spec["size"] or (capped and 1 <= min(height, width) < spec["size"]), (role, height, width)
                 assert not bool(view_pixels[:, ~view_mask].any()), role  # zero padding
+                extents.append((height, width))
+            # padded to the batch's largest view, no further
+            assert tuple(pixels.shape[2:]) == (max(h for h, _ in extents), max(w for _, w in extents)), role
         else:
             assert tuple(pixels.shape) == (n_views, 3, spec["size"], spec["size"]), role
         assert torch.isfinite(pixels).all()

@@ -54,12 +54,7 @@ def main(argv=None) -> dict[str, float]:
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per call (greedy)")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (inductor; eager for a quick check)")
     args = parser.parse_args(argv)
-    common.setup(args)
-    dtype = common.DTYPES[args.dtype]
-    config = common.astrea_config(args.scale)
-    astrea = common.build_astrea(config, args.device, dtype)
-    llava = common.build_llava(config, astrea, args.device, dtype)
-    batch = common.make_batch(config, 1, args.device, dtype)
+    _, astrea, llava, batch = common.astrea_and_llava(args)
     compiled = compile_config(args.device, args.backend)
 
     graphs = {name: decode_graphs(model, inputs, compiled) for name, model, inputs in (("astrea", astrea, batch.astrea()), ("llava", llava, batch.llava()))}
@@ -73,10 +68,7 @@ def main(argv=None) -> dict[str, float]:
             label = f"{name}.{mode}"
             cases[label] = bench_generate.generate_fn(model, inputs, args.new_tokens, record, label, cache_implementation="static", **extra)
     timings = common.time_side_by_side(cases, args.warmup, args.repeats, args.device)
-    for kind in ("wall", "cpu"):  # only the step stamps of the timed rounds
-        for name, samples in record[kind].samples.items():
-            keep = args.repeats * (args.new_tokens - 1) if name.endswith("decode_step") else args.repeats
-            timings[kind].samples[name] = samples[-keep:]
+    common.keep_timed_steps(timings, record, args.repeats, args.new_tokens)
     prompt = batch.input_ids.shape[1]
     print(f"\nstatic-cache generation, batch 1, prompt {prompt} tokens, {args.new_tokens} new tokens (scale {args.scale}, backend {args.backend}):")
     common.print_table(timings, [name for name in timings["main"].samples if name.endswith("decode_step")])

@@ -115,12 +115,7 @@ def main(argv=None) -> dict[str, float]:
                         help="device memory bandwidth in GB/s (e.g. 3350 for an H100 SXM, 4800 for an H200): prints the "
                              "batch-1 decode bound, every LLM weight read once per token")
     args = parser.parse_args(argv)
-    common.setup(args)
-    dtype = common.DTYPES[args.dtype]
-    config = common.astrea_config(args.scale)
-    astrea = common.build_astrea(config, args.device, dtype)
-    llava = common.build_llava(config, astrea, args.device, dtype)
-    batch = common.make_batch(config, 1, args.device, dtype)
+    config, astrea, llava, batch = common.astrea_and_llava(args)
     common.print_flops(common.flop_breakdown(astrea, llava, batch), config)
 
     record = {"wall": common.Timings("wall"), "cpu": common.Timings("cpu")}
@@ -128,10 +123,7 @@ def main(argv=None) -> dict[str, float]:
     calls = count_tower_calls(astrea, cases["astrea.generate"])
     print(f"tower forward calls in one generate of {args.new_tokens} tokens: {calls}")
     timings = common.time_side_by_side(cases, args.warmup, args.repeats, args.device)
-    for kind in ("wall", "cpu"):  # the step stamps of the timed rounds (the warm-up ones are dropped)
-        for name, samples in record[kind].samples.items():
-            keep = args.repeats * (args.new_tokens - 1) if name.endswith("decode_step") else args.repeats
-            timings[kind].samples[name] = samples[-keep:]
+    common.keep_timed_steps(timings, record, args.repeats, args.new_tokens)
     prompt = batch.input_ids.shape[1]
     print(f"\ngeneration, batch 1, prompt {prompt} tokens, {args.new_tokens} new tokens (scale {args.scale}):")
     common.print_table(timings)

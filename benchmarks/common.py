@@ -380,6 +380,26 @@ def setup(args) -> None:
     )
 
 
+def astrea_and_llava(args):
+    """``setup(args)``, then the Astrea model at ``args.scale``, its matched LLaVA and a batch-1 prompt with
+    one image, on ``args.device`` in ``args.dtype``: the starting point of the generation benchmarks."""
+    setup(args)
+    dtype = DTYPES[args.dtype]
+    config = astrea_config(args.scale)
+    astrea = build_astrea(config, args.device, dtype)
+    llava = build_llava(config, astrea, args.device, dtype)
+    return config, astrea, llava, make_batch(config, 1, args.device, dtype)
+
+
+def keep_timed_steps(timings: dict[str, Timings], record: dict[str, Timings], repeats: int, new_tokens: int) -> None:
+    """Copy the clock stamps of the timed rounds from ``record`` into ``timings`` (warm-up rounds dropped):
+    a decode-step series keeps ``repeats * (new_tokens - 1)`` stamps, any other ``repeats``."""
+    for kind in ("wall", "cpu"):
+        for name, samples in record[kind].samples.items():
+            keep = repeats * (new_tokens - 1) if name.endswith("decode_step") else repeats
+            timings[kind].samples[name] = samples[-keep:]
+
+
 def peak_memory_mb(device) -> float:
     """Peak memory of this process so far: max allocated on CUDA, max RSS on CPU (MiB)."""
     if torch.device(device).type == "cuda":

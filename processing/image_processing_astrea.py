@@ -16,33 +16,6 @@ follow each released model's own transform (the model card's "Preprocessing" tab
 
 Squares are ``(n_views, 3, S, S)``; aspect-preserving experts give ``(n_views, 3, H, W)`` with
 ``H, W`` the largest resized sides of the call's views.
-
-transformers' ``ProcessorMixin`` loads exactly one image processor through ``AutoImageProcessor``
-(further ones only by class names it finds in its own registries, which remote code is not in), so
-the four per-expert processors live inside this one object as specs rather than as four processor
-attributes.
-
-Views
-    Each input image becomes one or more *views*; each view becomes ``num_visual_tokens`` tokens.
-    Without tiling an image is one view. With ``image_grid_pinpoints`` (LLaVA-NeXT "AnyRes"), an
-    image becomes the whole image plus the tiles of the pinpoint resolution that keeps most of its
-    pixels: the image is resized to fit that resolution keeping its aspect ratio, padded, and cut
-    into ``tile_size`` squares. A video is a list of frames; ``num_frames`` of them are sampled
-    uniformly and each frame is one view.
-
-Inputs
-    PIL images of any mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...), numpy arrays and torch tensors
-    (HW, HWC or CHW; uint8, uint16 or float in [0, 1]; ``input_data_format`` settles an ambiguous
-    layout) and file paths. EXIF orientation is applied; transparency is composited on white; 16-bit
-    images are scaled, not clipped.
-
-Options (transformers' ``ImagesKwargs``, at construction or per call; a call's value wins)
-    ``do_rescale`` / ``rescale_factor`` (8-bit values to [0, 1]: ``1/255``), ``do_normalize``,
-    ``image_mean`` / ``image_std``, ``size`` (a square side, or ``{"height": s, "width": s}``; for an
-    aspect-preserving expert the shortest side, its longest-side cap scaled with it) and
-    ``resample``. The last four default to each expert's own value; given, they apply to every expert.
-    Options a per-expert pipeline cannot honour (cropping, padding on request, no resize, channels
-    last out) raise instead of being ignored.
 """
 
 from __future__ import annotations
@@ -296,7 +269,7 @@ def _open_checked(path: str) -> Image.Image:
 
 
 def to_pil_rgb(image, input_data_format=None) -> Image.Image:
-    """Convert any supported image input to an RGB PIL image (see the module docstring).
+    """Convert any supported image input to an RGB PIL image (see "Inputs" in the AstreaImageProcessor docstring).
 
     Arrays and tensors may be channels first or last (``input_data_format``, else inferred).
 
@@ -384,7 +357,35 @@ def video_frames(video) -> list:
 
 # -------------------------------------------------------------------------- the processor
 class AstreaImageProcessor(BaseImageProcessor):
-    r"""Per-expert image processor of Astrea (see the module docstring).
+    r"""Per-expert image processor of Astrea: one ``pixel_values_<role>`` tensor per expert (the module docstring
+    lists each expert's transform).
+
+    transformers' ``ProcessorMixin`` loads exactly one image processor through ``AutoImageProcessor``
+    (further ones only by class names it finds in its own registries, which remote code is not in), so
+    the four per-expert processors live inside this one object as specs rather than as four processor
+    attributes.
+
+    Views
+        Each input image becomes one or more *views*; each view becomes ``num_visual_tokens`` tokens.
+        Without tiling an image is one view. With ``image_grid_pinpoints`` (LLaVA-NeXT "AnyRes"), an
+        image becomes the whole image plus the tiles of the pinpoint resolution that keeps most of its
+        pixels: the image is resized to fit that resolution keeping its aspect ratio, padded, and cut
+        into ``tile_size`` squares. A video is a list of frames; ``num_frames`` of them are sampled
+        uniformly and each frame is one view.
+
+    Inputs
+        PIL images of any mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...), numpy arrays and torch tensors
+        (HW, HWC or CHW; uint8, uint16 or float in [0, 1]; ``input_data_format`` settles an ambiguous
+        layout) and file paths. EXIF orientation is applied; transparency is composited on white; 16-bit
+        images are scaled, not clipped.
+
+    Options (transformers' ``ImagesKwargs``, at construction or per call; a call's value wins)
+        ``do_rescale`` / ``rescale_factor`` (8-bit values to [0, 1]: ``1/255``), ``do_normalize``,
+        ``image_mean`` / ``image_std``, ``size`` (a square side, or ``{"height": s, "width": s}``; for an
+        aspect-preserving expert the shortest side, its longest-side cap scaled with it) and
+        ``resample``. The last four default to each expert's own value; given, they apply to every expert.
+        Options a per-expert pipeline cannot honour (cropping, padding on request, no resize, channels
+        last out) raise instead of being ignored.
 
     Args:
         experts (`dict[str, dict]`):
@@ -404,7 +405,7 @@ class AstreaImageProcessor(BaseImageProcessor):
 
     model_input_names = ["pixel_values"]
 
-    # ImagesKwargs defaults (see "Options" in the module docstring); None: each expert's own value.
+    # ImagesKwargs defaults (see "Options" in the class docstring); None: each expert's own value.
     do_rescale = True
     rescale_factor = 1 / 255
     do_normalize = True
@@ -537,7 +538,7 @@ class AstreaImageProcessor(BaseImageProcessor):
         zero-padded at the bottom and right to the largest resized height and width of the call,
         ``(n_views, 3, H, W)``, and ``pixel_mask_<role>`` ``(n_views, H, W)``: 1 on the image, 0 on
         the padding. ``roles`` (default: every expert) limits the output to those experts' pixels;
-        ``options`` are the call's ImagesKwargs (see the module docstring).
+        ``options`` are the call's ImagesKwargs (see "Options" in the class docstring).
         """
         if roles is not None:
             unknown = sorted(set(roles) - set(self.experts))

@@ -41,6 +41,7 @@ MOCO = "tests/test_train_moco.py"
 DATA = "tests/test_train_data.py"
 PROCESSING = "tests/test_processing.py"
 LABELS = "tests/test_sft_labels.py"
+ROUTING = "tests/test_routing.py"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,7 @@ CHAT, MODEL = "processing/processing_astrea.py", "modeling_astrea/modeling_astre
 PRESETS, SAM2_TOWER = "configuration/presets.py", "modeling_astrea/tower_sam2.py"
 T_MODEL = (EQUATIONS, MODELING)
 T_MOCO = (EQUATIONS, MOCO)
+T_ROUTE = (ROUTING, EQUATIONS, MODELING)
 T_LABELS = (LABELS, EQUATIONS, DATA, PROCESSING)
 
 MUTANTS: list[Mutant] = [
@@ -126,6 +128,18 @@ MUTANTS: list[Mutant] = [
     _m("fusion-balance-no-e", FUSION, "balance = self.num_experts * (share", "balance = (share", "balance without the factor E", T_MODEL),
     _m("fusion-logits-not-float", FUSION, "logits = self.router(expert_features, text_features).float()", "logits = self.router(expert_features, text_features)",
        "router logits and P_i kept in the features' dtype (bf16 under mixed precision)", T_MODEL),
+    # ---- the router's input (issue L): the instruction before the image, RMS-normalised parts, jittered top-k
+    _m("router-no-norm", FUSION, "        if self.normalize:\n", "        if False:\n", "fusion_router_norm ignored", T_ROUTE),
+    _m("router-text-ignored", FUSION, "text = torch.zeros_like(expert_features[0][:, 0]) if text_features is None else text_features",
+       "text = torch.zeros_like(expert_features[0][:, 0])", "the instruction never reaches the router", T_ROUTE),
+    _m("router-jitter-in-eval", FUSION, "if self.training and self.jitter > 0", "if self.jitter > 0", "top-k jittered in evaluation too", T_ROUTE),
+    _m("router-jitter-in-weights", FUSION, "scores = logits.detach() + self.jitter * torch.randn_like(logits)",
+       "scores = logits = logits + self.jitter * torch.randn_like(logits)", "the noise changes the kept experts' weights, not only which are kept", T_ROUTE),
+    _m("router-text-whole-row", MODEL, "return sums[batch, position] / counts[batch, position].clamp(min=1.0)",
+       "return sums[batch, -1] / counts[batch, -1].clamp(min=1.0)", "the router reads the text after the image too (not causal)", T_ROUTE),
+    _m("router-text-reads-padding", MODEL, "            text = text & attention_mask.bool()\n", "            text = text\n", "padding tokens enter the instruction mean", T_ROUTE),
+    _m("router-text-reads-images", MODEL, "        text = ~image_mask\n", "        text = torch.ones_like(image_mask)\n",
+       "earlier images' placeholder tokens enter the instruction mean", T_ROUTE),
     # ---- eq. 5-8: momentum contrast
     _m("moco-rows-temperature-times", MOCO_PY, "rows = q @ keys.T / self.temperature", "rows = q @ keys.T * self.temperature", "row logits times tau", T_MOCO),
     _m("moco-cols-temperature-times", MOCO_PY, "cols = k @ q.T / self.temperature", "cols = k @ q.T * self.temperature", "column logits times tau", T_MOCO),

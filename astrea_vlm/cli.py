@@ -34,7 +34,8 @@ def _pretrain_llm(args: argparse.Namespace) -> int:
 def _ablate(args: argparse.Namespace) -> int:
     from astrea_vlm.demo import DemoSettings, run_ablation
 
-    run_ablation(args.what, seeds=args.seeds, base=DemoSettings(recipe=args.recipe, output=args.output), rerun=args.rerun)
+    run_ablation(args.what, seeds=args.seeds, base=DemoSettings(recipe=args.recipe, output=args.output, threads=args.threads),
+                 rerun=args.rerun)
     return 0
 
 
@@ -317,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--seeds", type=int, default=3, help="seeds per variant (0 .. N-1)")
     ablate.add_argument("--recipe", default="demo", help="recipe YAML or shipped recipe name the variants change")
     ablate.add_argument("--output", default="outputs/demo", help="runs go to <output>/ablation-<what> and <output>/ablation-baseline")
+    ablate.add_argument("--threads", type=int, default=2, help="torch threads of every run, as in `astrea demo` (a "
+                        "finished run is reused only with the same threads)")
     ablate.add_argument("--rerun", action="store_true",
                         help="train every run again (default: reuse finished runs made with the same settings)")
     ablate.set_defaults(func=_ablate)

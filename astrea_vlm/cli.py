@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--recipe", default="demo", help="recipe YAML or shipped recipe name the variants change")
     ablate.add_argument("--output", default="outputs/demo", help="runs go to <output>/ablation-<what> and <output>/ablation-baseline")
     ablate.add_argument("--threads", type=int, default=2, help="torch threads of every run, as in `astrea demo` (a "
-                        "finished run is reused only with the same threads)")
+                        "finished run is reused only with the same threads; other than 2, runs go to seed-<s>-threads-<n>)")
     ablate.add_argument("--rerun", action="store_true",
                         help="train every run again (default: reuse finished runs made with the same settings)")
     ablate.set_defaults(func=_ablate)

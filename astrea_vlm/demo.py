@@ -494,7 +494,7 @@ def run_ablation(what: str, seeds: int = 3, base: DemoSettings | None = None, re
             # cap>cls>det>seg): its runs live in one shared folder and are trained once per seed.
             folder = Path(base.output) / "ablation-baseline" if _unchanged(overrides) else root / name.replace(">", "-").replace(" ", "_")
             settings = dataclasses.replace(
-                base, output=str(folder / f"seed-{seed}"), seed=seed,
+                base, output=str(folder / _seed_folder(seed, base.threads)), seed=seed,
                 config_overrides={**base.config_overrides, **overrides["config"]},
                 recipe_overrides={**base.recipe_overrides, **overrides["recipe"]}, skip_untrained_eval=True, roundtrip=False,
             )
@@ -528,6 +528,14 @@ def reference_variant(variants: dict[str, dict[str, Any]]) -> str:
     none of the variants (say, a stage order outside Table 6) the first variant."""
     unchanged = [name for name, overrides in variants.items() if _unchanged(overrides)]
     return unchanged[0] if unchanged else next(iter(variants))
+
+
+def _seed_folder(seed: int, threads: int) -> str:
+    """A run's folder name: ``seed-<s>``, or ``seed-<s>-threads-<n>`` for a thread count other than the default.
+
+    Another thread count is another rounding order, hence another run; without the count in its name it
+    would retrain -- and overwrite -- the default runs that every ablation shares."""
+    return f"seed-{seed}" if threads == DEFAULT_THREADS else f"seed-{seed}-threads-{threads}"
 
 
 def _unchanged(overrides: dict[str, Any]) -> bool:

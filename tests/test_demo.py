@@ -211,7 +211,7 @@ def test_demo_pipeline_end_to_end_at_toy_size(tmp_path, monkeypatch):
     assert {qtype: values[PRIMARY[values["metric"]]] for qtype, values in again["per_type"].items()} == summary["table"]["astrea"]
 
 
-def test_ablation_runs_every_variant_and_writes_its_table(tmp_path):
+def test_ablation_runs_every_variant_and_writes_its_table(tmp_path, monkeypatch):
     from astrea_vlm.demo import run_ablation
 
     recipe = load_recipe("tiny")
@@ -264,6 +264,22 @@ def test_ablation_runs_every_variant_and_writes_its_table(tmp_path):
 
     assert _finished_run(dataclasses.replace(base, output=str(folders["with"]), seed=0, skip_untrained_eval=True, roundtrip=False)) is not None
     assert _finished_run(dataclasses.replace(other, output=str(folders["with"]), seed=0, skip_untrained_eval=True, roundtrip=False)) is None
+
+    # another thread count is another run in its own folder: it leaves the shared default runs alone
+    import astrea_vlm.demo as demo_module
+
+    trained: list[str] = []
+
+    def record_and_stop(settings, log=print):
+        trained.append(settings.output)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo_module, "run_demo", record_and_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_ablation("moco", seeds=1, base=dataclasses.replace(base, threads=1), log=lambda *a: None)
+    assert trained == [str(tmp_path / "ablation-baseline" / "seed-0-threads-1")]
+    assert baseline.stat().st_mtime_ns == stamp and _finished_run(
+        dataclasses.replace(base, output=str(folders["with"]), seed=0, skip_untrained_eval=True, roundtrip=False)) is not None
 
 
 @pytest.mark.slow

@@ -316,6 +316,12 @@ class AstreaConfig(PreTrainedConfig):
             RMS-normalise each part of the router's input (each expert's pooled tokens and the
             instruction vector) before the linear layer, so that the instruction weighs as much as
             each expert's features whatever their scales.
+        fusion_router_text_scale (`float`, defaults to 1.0):
+            Factor on the (normalised) instruction vector in the router's input, with
+            ``fusion_router_input="visual+text"``: 1 weighs the instruction like one expert's
+            features; below 1 the question moves the router's logits proportionally less (also
+            under Adam, whose steps on the instruction's weights are the same size whatever the
+            factor), so routing can follow the question without switching every expert set by it.
         moco_dim (`int`, defaults to 256):
             Width of the momentum-contrast embedding (the MoCo head's output, eq. 5-8). The loss's
             settings (queue, momentum, temperature, lambda, mu) and the router's load-balancing
@@ -357,6 +363,7 @@ class AstreaConfig(PreTrainedConfig):
     fusion_routing: str = "image"
     fusion_router_jitter: float = 0.0
     fusion_router_norm: bool = True
+    fusion_router_text_scale: float = 1.0
     moco_dim: int = 256
     tie_word_embeddings: bool = False
     image_position: str = "before"
@@ -478,6 +485,8 @@ class AstreaConfig(PreTrainedConfig):
         _check(self.fusion_adapter_dim is None or self.fusion_adapter_dim > 0, "fusion_adapter_dim", self.fusion_adapter_dim, "must be > 0")
         _check(self.fusion_router_input in ("visual", "visual+text"), "fusion_router_input", self.fusion_router_input, "use 'visual' or 'visual+text'")
         _check(self.fusion_routing in ("image", "token"), "fusion_routing", self.fusion_routing, "use 'image' or 'token'")
+        _check(self.fusion_router_text_scale > 0, "fusion_router_text_scale", self.fusion_router_text_scale,
+               "must be > 0 (to keep the instruction out of the router, set fusion_router_input='visual')")
         _check(self.fusion_router_jitter >= 0, "fusion_router_jitter", self.fusion_router_jitter, "must be >= 0")
         _check(self.moco_dim >= 1, "moco_dim", self.moco_dim, "must be >= 1")
         _check(self.image_position in ("before", "after"), "image_position", self.image_position,

@@ -2,7 +2,8 @@
 
 ``ExpertRouter`` is one linear layer over the experts' projected tokens, concatenated (``E * D``
 values), and -- with ``fusion_router_input="visual+text"`` -- the instruction vector the backbone
-passes in (the mean embedding of the text before the image, see ``AstreaModel``). With
+passes in (the mean embedding of the text before the image, see ``AstreaModel``), each part
+RMS-normalised (``fusion_router_norm``) and the instruction multiplied by ``fusion_router_text_scale``. With
 ``fusion_routing="image"`` it reads the mean-pooled tokens and routes each image once; with
 ``"token"`` it reads each token position and routes every visual token on its own (the paper's
 "probability of the tokens being assigned to each expert").
@@ -29,9 +30,11 @@ from transformers.utils import ModelOutput
 
 
 class ExpertRouter(nn.Module):
-    def __init__(self, num_experts: int, hidden_size: int, use_text: bool, per_token: bool = False, normalize: bool = False):
+    def __init__(self, num_experts: int, hidden_size: int, use_text: bool, per_token: bool = False, normalize: bool = False,
+                 text_scale: float = 1.0):
         super().__init__()
         self.use_text = use_text
+        self.text_scale = text_scale
         self.per_token = per_token
         self.normalize = normalize
         in_dim = num_experts * hidden_size + (hidden_size if use_text else 0)
@@ -46,6 +49,8 @@ class ExpertRouter(nn.Module):
             parts.append(text[:, None].expand(-1, parts[0].shape[1], -1) if self.per_token else text)
         if self.normalize:
             parts = [torch.nn.functional.rms_norm(part, (part.shape[-1],), eps=1e-6) for part in parts]
+        if self.use_text and self.text_scale != 1.0:
+            parts[-1] = parts[-1] * self.text_scale
         return self.linear(torch.cat(parts, dim=-1))
 
 
@@ -82,12 +87,12 @@ class FusionOutput(ModelOutput):
 
 class MoEFusion(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, adapter_dim: int, top_k: int, use_text: bool, act: str = "gelu",
-                 per_token: bool = False, jitter: float = 0.0, normalize: bool = False):
+                 per_token: bool = False, jitter: float = 0.0, normalize: bool = False, text_scale: float = 1.0):
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
         self.jitter = jitter
-        self.router = ExpertRouter(num_experts, hidden_size, use_text, per_token, normalize)
+        self.router = ExpertRouter(num_experts, hidden_size, use_text, per_token, normalize, text_scale)
         self.adapters = nn.ModuleList(ExpertAdapter(hidden_size, adapter_dim, act) for _ in range(num_experts))
 
     def route(self, logits: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:

@@ -187,6 +187,7 @@ class AstreaModel(AstreaPreTrainedModel):
             per_token=config.fusion_routing == "token",
             jitter=config.fusion_router_jitter,
             normalize=config.fusion_router_norm,
+            text_scale=config.fusion_router_text_scale,
         )
         # Projection head of the momentum-contrast loss (eq. 5-7): used by the trainer only.
         self.moco_head = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, config.moco_dim))

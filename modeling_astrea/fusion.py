@@ -13,7 +13,8 @@ set; dropped experts get probability exactly 0) and mixes per-expert MLP adapter
 
     f = sum_{i in topk} P_i * F_i(f_i)                                       (eq. 10)
 
-Only the kept experts' adapters run. The optional load-balancing loss is the Switch-Transformer
+Only the kept experts' adapters run. Which experts are kept may be shifted by a per-expert
+``selection_bias`` (auxiliary-loss-free balancing); the weights are always the kept logits' softmax. The optional load-balancing loss is the Switch-Transformer
 form ``E * sum_i frac_i * mean_prob_i`` with ``frac_i`` the share of top-k slots expert i takes and
 ``mean_prob_i`` its mean full-softmax probability.
 """
@@ -94,6 +95,10 @@ class MoEFusion(nn.Module):
         self.jitter = jitter
         self.router = ExpertRouter(num_experts, hidden_size, use_text, per_token, normalize, text_scale)
         self.adapters = nn.ModuleList(ExpertAdapter(hidden_size, adapter_dim, act) for _ in range(num_experts))
+        # Added to the logits when choosing the top-k only (auxiliary-loss-free balancing, as in
+        # DeepSeek-V3): the trainer nudges it after each step (`fusion_balance_bias_rate`); it is
+        # saved with the model, which then routes as it was trained. Zero: plain top-k.
+        self.register_buffer("selection_bias", torch.zeros(num_experts))
 
     def route(self, logits: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
         """Top-k then softmax over the kept logits; probabilities of dropped experts are 0.
@@ -107,9 +112,9 @@ class MoEFusion(nn.Module):
 
     def forward(self, expert_features: list[torch.Tensor], text_features: torch.Tensor | None = None) -> FusionOutput:
         logits = self.router(expert_features, text_features).float()
-        scores = None
+        scores = logits.detach() + self.selection_bias.float()  # choose the kept experts; weigh them by the logits
         if self.training and self.jitter > 0 and self.top_k < self.num_experts:
-            scores = logits.detach() + self.jitter * torch.randn_like(logits)
+            scores = scores + self.jitter * torch.randn_like(logits)
         probs = self.route(logits, scores)
         # Under autocast a cached (float32) expert can meet a bf16 one: mix in the widest dtype.
         dtype = functools.reduce(torch.promote_types, [feature.dtype for feature in expert_features])

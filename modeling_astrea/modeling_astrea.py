@@ -84,6 +84,8 @@ class AstreaPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, ResidualBridge):
             init.constant_(module.gate, module.gate_init)
+        elif isinstance(module, MoEFusion):
+            init.zeros_(module.selection_bias)
         if hasattr(module, "init_non_persistent_buffers") and not isinstance(module, PreTrainedModel):
             # timm modules (Swin's relative-position index and shifted-window mask) rebuild their own
             # buffers; a model built on the meta device and moved with `to_empty()` has garbage there.

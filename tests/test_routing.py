@@ -166,7 +166,35 @@ def test_router_norm_makes_routing_independent_of_each_part_scale():
         torch.testing.assert_close(normed.router(features, text), normed.router.linear(x))
 
 
-@pytest.mark.parametrize("field, value", [("fusion_router_jitter", -0.1)])
+def test_text_scale_multiplies_the_normalised_instruction_and_its_effect_on_the_logits():
+    torch.manual_seed(0)
+    features = [torch.randn(2, 3, 4) for _ in range(3)]
+    question, other = torch.randn(2, 4), torch.randn(2, 4) * 7.0
+    full = MoEFusion(3, 4, 4, top_k=2, use_text=True, normalize=True)
+    gentle = MoEFusion(3, 4, 4, top_k=2, use_text=True, normalize=True, text_scale=0.25)
+    gentle.load_state_dict(full.state_dict())
+
+    def rms(part):
+        return part / part.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+
+    with torch.no_grad():
+        # By hand: the pooled experts as before, the normalised instruction times 0.25.
+        x = torch.cat([rms(f.mean(dim=1)) for f in features] + [0.25 * rms(question)], dim=-1)
+        torch.testing.assert_close(gentle.router(features, question), gentle.router.linear(x))
+        # Changing the question moves the logits a quarter as far as at scale 1 (same weights).
+        moved_full = full.router(features, other) - full.router(features, question)
+        moved_gentle = gentle.router(features, other) - gentle.router(features, question)
+        assert moved_full.abs().max() > 0.05
+        torch.testing.assert_close(moved_gentle, 0.25 * moved_full)
+
+
+def test_text_scale_reaches_the_router_from_the_config():
+    model = AstreaModelTester(fusion_router_text_scale=0.3).model()
+    assert model.model.fusion.router.text_scale == 0.3
+    assert AstreaModelTester().config.fusion_router_text_scale == 1.0
+
+
+@pytest.mark.parametrize("field, value", [("fusion_router_jitter", -0.1), ("fusion_router_text_scale", 0.0), ("fusion_router_text_scale", -1.0)])
 def test_invalid_jitter_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         AstreaModelTester(**{field: value})

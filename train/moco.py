@@ -90,6 +90,10 @@ class MomentumContrast(nn.Module):
                 for theta_m, theta_e in zip(momentum_module.parameters(), online_module.parameters()):
                     online = full_tensor(theta_e.detach())  # FSDP2: gathered whole, on every rank
                     theta_m.mul_(self.momentum).add_(online.to(theta_m.dtype), alpha=1.0 - self.momentum)
+                # Buffers (the fusion's selection bias) are not averaged: the key encoder keeps the
+                # online encoder's choice of experts.
+                for buffer_m, buffer_e in zip(momentum_module.buffers(), online_module.buffers()):
+                    buffer_m.copy_(buffer_e)
 
     def query(self, backbone: nn.Module, fused: torch.Tensor) -> torch.Tensor:
         return F.normalize(backbone.moco_head(_random_half_mean(fused)), dim=-1)

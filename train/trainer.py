@@ -44,6 +44,14 @@ SHARDED_STATE = "sharded"
 STAGING_PREFIX = ".partial-"
 
 
+class _SelectionBiasUpdate(TrainerCallback):
+    def __init__(self, trainer: "AstreaSFTTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.update_selection_bias()
+
+
 class _MomentumUpdate(TrainerCallback):
     def __init__(self, trainer: "AstreaSFTTrainer"):
         self.trainer = trainer
@@ -112,6 +120,14 @@ class AstreaSFTConfig(SFTConfig):
             row/column weight lambda and the loss weight mu (0 leaves MoCo out).
         fusion_load_balance_coef (`float`, defaults to 0.0):
             Weight of the router's Switch-style load-balancing term (0: none, as in the paper).
+        fusion_balance_bias_rate (`float`, defaults to 0.0):
+            Auxiliary-loss-free balancing (DeepSeek-V3's bias update): after every optimizer step,
+            each expert's ``selection_bias`` (added to the router logits when choosing the top-k,
+            never to the kept experts' weights) moves by this amount: down for an expert that took
+            more than its share ``1 / E`` of the step's top-k slots (all micro-batches and
+            processes counted), up for one that took less. No gradient pushes the router towards
+            uniform routing; an expert ranked last is picked again once its bias has risen. The
+            bias is saved with the model. 0: off.
         gate_lr_multiplier (`float`, defaults to 1.0), router_lr_multiplier (`float`, defaults to 1.0):
             The bridges' tanh gates (a scalar each, starting at 0) and the fusion router train in
             their own optimizer groups at this multiple of the learning rate (same schedule).
@@ -123,6 +139,7 @@ class AstreaSFTConfig(SFTConfig):
     moco_lambda: float = 0.5
     moco_mu: float = 0.1
     fusion_load_balance_coef: float = 0.0
+    fusion_balance_bias_rate: float = 0.0
     gate_lr_multiplier: float = 1.0
     router_lr_multiplier: float = 1.0
 
@@ -134,6 +151,7 @@ class AstreaSFTConfig(SFTConfig):
             ("moco_lambda", 0.0 <= self.moco_lambda <= 1.0, "lambda must lie in [0, 1]"),
             ("moco_mu", self.moco_mu >= 0, "mu must be >= 0"),
             ("fusion_load_balance_coef", self.fusion_load_balance_coef >= 0, "must be >= 0"),
+            ("fusion_balance_bias_rate", self.fusion_balance_bias_rate >= 0, "must be >= 0"),
             ("gate_lr_multiplier", self.gate_lr_multiplier > 0, "must be > 0"),
             ("router_lr_multiplier", self.router_lr_multiplier > 0, "must be > 0"),
         ):
@@ -177,6 +195,10 @@ class AstreaSFTTrainer(SFTTrainer):
         self.moco_mu = terms["moco_mu"]
         self.gate_lr_multiplier, self.router_lr_multiplier = terms["gate_lr_multiplier"], terms["router_lr_multiplier"]
         self.load_balance_coef = terms["fusion_load_balance_coef"]
+        self.balance_bias_rate = terms["fusion_balance_bias_rate"]
+        self._step_load = None  # top-k slots each expert took in the current optimizer step
+        if self.balance_bias_rate > 0:
+            self.add_callback(_SelectionBiasUpdate(self))
 
     # ------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -210,6 +232,9 @@ class AstreaSFTTrainer(SFTTrainer):
         fusion = captured.get("output")
         if fusion is not None:
             self._log_router(mode, fusion.router_probs.detach())
+            if self.balance_bias_rate > 0 and self.model.training:
+                load = (fusion.router_probs.detach() > 0).reshape(-1, fusion.router_probs.shape[-1]).sum(dim=0).float()
+                self._step_load = load if self._step_load is None else self._step_load + load
             steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
             if self.load_balance_coef > 0:
                 loss = loss + self.load_balance_coef * fusion.load_balance_loss / steps
@@ -224,6 +249,22 @@ class AstreaSFTTrainer(SFTTrainer):
                 self.moco.enqueue(self.accelerator.gather(k))
                 self._metrics[mode]["loss_moco"].append(self._global_mean(moco_loss))
         return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def update_selection_bias(self) -> None:
+        """``fusion_balance_bias_rate``'s sign step on the fusion's ``selection_bias``, from the top-k
+        slots each expert took in this optimizer step (summed over processes, so every rank applies
+        the same step)."""
+        if self._step_load is None:
+            return
+        load = self.accelerator.reduce(self._step_load, reduction="sum")
+        self._step_load = None
+        share = load / load.sum()
+        bias = self.backbone.fusion.selection_bias
+        step = self.balance_bias_rate * torch.sign(1.0 / share.numel() - share)
+        bias.add_(step.to(device=bias.device, dtype=bias.dtype))
+        for index, role in enumerate(self.expert_order):
+            self._metrics["train"][f"router/bias_{role}"].append(float(bias[index]))
 
     def _global_mean(self, value: torch.Tensor) -> float:
         """Mean over processes: each rank's loss is its share of the global batch's mean."""

@@ -322,6 +322,12 @@ class AstreaConfig(PreTrainedConfig):
             features; below 1 the question moves the router's logits proportionally less (also
             under Adam, whose steps on the instruction's weights are the same size whatever the
             factor), so routing can follow the question without switching every expert set by it.
+        fusion_router_text_selects (`bool`, defaults to `True`):
+            With ``fusion_router_input="visual+text"``: whether the instruction takes part in choosing
+            the top-k experts. ``False``: the experts kept are chosen from the router's logits with
+            the instruction left out (the image decides which experts are kept), and the instruction
+            then reweighs the kept ones (their weights are the softmax of the full logits), so every
+            question about an image sees the same experts in different proportions.
         moco_dim (`int`, defaults to 256):
             Width of the momentum-contrast embedding (the MoCo head's output, eq. 5-8). The loss's
             settings (queue, momentum, temperature, lambda, mu) and the router's load-balancing
@@ -364,6 +370,7 @@ class AstreaConfig(PreTrainedConfig):
     fusion_router_jitter: float = 0.0
     fusion_router_norm: bool = True
     fusion_router_text_scale: float = 1.0
+    fusion_router_text_selects: bool = True
     moco_dim: int = 256
     tie_word_embeddings: bool = False
     image_position: str = "before"

@@ -88,9 +88,11 @@ class FusionOutput(ModelOutput):
 
 class MoEFusion(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, adapter_dim: int, top_k: int, use_text: bool, act: str = "gelu",
-                 per_token: bool = False, jitter: float = 0.0, normalize: bool = False, text_scale: float = 1.0):
+                 per_token: bool = False, jitter: float = 0.0, normalize: bool = False, text_scale: float = 1.0,
+                 text_selects: bool = True):
         super().__init__()
         self.num_experts = num_experts
+        self.text_selects = text_selects
         self.top_k = top_k
         self.jitter = jitter
         self.router = ExpertRouter(num_experts, hidden_size, use_text, per_token, normalize, text_scale)
@@ -112,7 +114,13 @@ class MoEFusion(nn.Module):
 
     def forward(self, expert_features: list[torch.Tensor], text_features: torch.Tensor | None = None) -> FusionOutput:
         logits = self.router(expert_features, text_features).float()
-        scores = logits.detach() + self.selection_bias.float()  # choose the kept experts; weigh them by the logits
+        # The kept experts are chosen from `scores`, weighed by the logits' softmax.
+        if self.text_selects or not self.router.use_text:
+            scores = logits.detach()
+        else:  # the image alone chooses the experts; the instruction only reweighs them
+            with torch.no_grad():
+                scores = self.router(expert_features, None).float()
+        scores = scores + self.selection_bias.float()
         if self.training and self.jitter > 0 and self.top_k < self.num_experts:
             scores = scores + self.jitter * torch.randn_like(logits)
         probs = self.route(logits, scores)

@@ -190,6 +190,7 @@ class AstreaModel(AstreaPreTrainedModel):
             jitter=config.fusion_router_jitter,
             normalize=config.fusion_router_norm,
             text_scale=config.fusion_router_text_scale,
+            text_selects=config.fusion_router_text_selects,
         )
         # Projection head of the momentum-contrast loss (eq. 5-7): used by the trainer only.
         self.moco_head = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, config.moco_dim))

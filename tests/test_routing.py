@@ -144,6 +144,25 @@ def test_jitter_changes_which_experts_are_kept_not_their_weights():
     torch.testing.assert_close(noisy[same], clean[same])
 
 
+def test_selection_bias_changes_which_experts_are_kept_not_their_weights():
+    fusion = MoEFusion(4, 4, 4, top_k=2, use_text=False)
+    torch.manual_seed(0)
+    features = [torch.randn(16, 3, 4) for _ in range(4)]
+    with torch.no_grad():
+        logits = fusion.router(features).float()
+        fusion.selection_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 100.0]))
+        probs = fusion(features).router_probs
+    # Expert 3 is always kept; the other slot goes to the best of experts 0-2 by logit, and the two
+    # kept experts' weights are the softmax of their logits (the bias plays no part in them).
+    other = logits[:, :3].argmax(dim=-1)
+    for row in range(16):
+        kept = [int(other[row]), 3]
+        expected = torch.zeros(4)
+        expected[kept] = logits[row, kept].softmax(dim=-1)
+        torch.testing.assert_close(probs[row], expected)
+    assert (logits.argsort(dim=-1, descending=True)[:, :2] != 3).all(dim=-1).any()  # some rows did change
+
+
 def test_default_router_reads_the_instruction_rms_normalised():
     config = AstreaModelTester().config
     assert config.fusion_router_input == "visual+text" and config.fusion_router_norm

@@ -124,6 +124,41 @@ def test_instruct_steps_add_moco_log_router_stats_and_update_momentum_encoder(tm
     assert logs["loss"] == pytest.approx(logs["loss_reg"] + trainer.args.moco_mu * logs["loss_moco"], rel=1e-4)
 
 
+def test_balance_bias_steps_each_expert_towards_its_share_and_travels_with_the_model(tmp_path):
+    """Auxiliary-loss-free balancing: bias_i += rate * sign(1/E - share_i) after every optimizer step."""
+    model, processor = _model()
+    roles = list(model.config.expert_order)
+    configure_stage(model, ["router", "adapters", "moco_head"], roles)
+    args = _args(tmp_path, max_steps=4, fusion_balance_bias_rate=0.05, moco_queue_size=8)
+    trainer = AstreaSFTTrainer(model=model, args=args, train_dataset=_dataset(), processing_class=processor)
+    bias = model.model.fusion.selection_bias
+    # By hand: 24 top-k slots (8 images x top-3) taken 8 / 6 / 6 / 4 -> shares 1/3, 1/4, 1/4, 1/6.
+    trainer._step_load = torch.tensor([8.0, 6.0, 6.0, 4.0])
+    trainer.update_selection_bias()
+    assert bias.tolist() == pytest.approx([-0.05, 0.0, 0.0, 0.05])
+    assert trainer._step_load is None
+    bias.zero_()
+    trainer._metrics["train"].clear()  # the hand step's logged bias is not a training step's
+
+    trainer.train()
+    # Training: the same rule on each step's logged loads (one micro-batch a step, logged every step).
+    expected = torch.zeros(len(roles))
+    steps = [log for log in trainer.state.log_history if f"router/load_{roles[0]}" in log]
+    assert len(steps) == 4
+    for log in steps:
+        share = torch.tensor([log[f"router/load_{r}"] for r in roles]) / model.config.fusion_top_k
+        expected += 0.05 * torch.sign(1.0 / len(roles) - share)
+        assert [log[f"router/bias_{r}"] for r in roles] == pytest.approx(expected.tolist(), abs=1e-6)
+    assert bias.abs().sum() > 0
+    torch.testing.assert_close(bias, expected)
+    torch.testing.assert_close(trainer.moco.fusion.selection_bias, bias)  # the key encoder routes alike
+
+    # The bias is part of the saved model: reloaded, it routes as trained.
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = AstreaForConditionalGeneration.from_pretrained(tmp_path / "saved")
+    torch.testing.assert_close(reloaded.model.fusion.selection_bias, bias)
+
+
 def test_training_terms_come_from_the_trainer_config(tmp_path):
     """AstreaSFTConfig holds the MoCo and load-balancing settings; the trainer adds the terms and masks <image> labels."""
     model, processor = _model()
@@ -259,6 +294,8 @@ def test_lr_multipliers_are_recipe_phase_keys_and_must_be_positive(tmp_path):
         assert args.gate_lr_multiplier == 50.0 and args.router_lr_multiplier == 1.0
     with pytest.raises(ValueError, match="gate_lr_multiplier"):
         _args(tmp_path, gate_lr_multiplier=0.0)
+    with pytest.raises(ValueError, match="fusion_balance_bias_rate"):
+        _args(tmp_path, fusion_balance_bias_rate=-0.01)
 
 
 def test_momentum_update_reads_the_online_encoder_after_the_optimizer_step(tmp_path):

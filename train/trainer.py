@@ -186,6 +186,10 @@ class AstreaSFTTrainer(SFTTrainer):
         terms = {name: getattr(self.args, name, default) for name, default in TRAINING_TERMS.items()}
         self.expert_order = list(self.backbone.expert_order)
         self.image_token_id = self.backbone.config.image_token_id
+        self.balance_bias_rate = terms["fusion_balance_bias_rate"]
+        self._step_load = None  # top-k slots each expert took in the current optimizer step
+        if self.balance_bias_rate > 0:  # before the momentum update, which copies the bias
+            self.add_callback(_SelectionBiasUpdate(self))
         self.moco = None
         if use_moco and self.backbone.alignment_role is None and terms["moco_mu"] > 0:
             self.moco = MomentumContrast(
@@ -195,10 +199,6 @@ class AstreaSFTTrainer(SFTTrainer):
         self.moco_mu = terms["moco_mu"]
         self.gate_lr_multiplier, self.router_lr_multiplier = terms["gate_lr_multiplier"], terms["router_lr_multiplier"]
         self.load_balance_coef = terms["fusion_load_balance_coef"]
-        self.balance_bias_rate = terms["fusion_balance_bias_rate"]
-        self._step_load = None  # top-k slots each expert took in the current optimizer step
-        if self.balance_bias_rate > 0:
-            self.add_callback(_SelectionBiasUpdate(self))
 
     # ------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

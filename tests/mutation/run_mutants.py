@@ -137,7 +137,7 @@ MUTANTS: list[Mutant] = [
     _m("selection-bias-in-weights", FUSION, "scores = logits.detach() + self.selection_bias.float()",
        "scores = logits = logits + self.selection_bias.float()", "the balancing bias changes the kept experts' weights too", T_ROUTE),
     _m("bias-update-wrong-sign", TRAINER, "step = self.balance_bias_rate * torch.sign(1.0 / share.numel() - share)",
-       "step = self.balance_bias_rate * torch.sign(share - 1.0 / share.numel())", "overloaded experts are made more likely still", T_ROUTE),
+       "step = self.balance_bias_rate * torch.sign(share - 1.0 / share.numel())", "overloaded experts are made more likely still", (MOCO, ROUTING)),
     _m("router-text-ignored", FUSION, "text = torch.zeros_like(expert_features[0][:, 0]) if text_features is None else text_features",
        "text = torch.zeros_like(expert_features[0][:, 0])", "the instruction never reaches the router", T_ROUTE),
     _m("router-jitter-in-eval", FUSION, "if self.training and self.jitter > 0", "if self.jitter > 0", "top-k jittered in evaluation too", T_ROUTE),

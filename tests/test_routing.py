@@ -163,6 +163,26 @@ def test_selection_bias_changes_which_experts_are_kept_not_their_weights():
     assert (logits.argsort(dim=-1, descending=True)[:, :2] != 3).all(dim=-1).any()  # some rows did change
 
 
+def test_text_selects_off_the_image_chooses_the_experts_the_instruction_weighs_them():
+    torch.manual_seed(0)
+    features = [torch.randn(16, 3, 4) for _ in range(4)]
+    text = torch.randn(16, 4)
+    fusion = MoEFusion(4, 4, 4, top_k=2, use_text=True, normalize=True, text_selects=False)
+    with torch.no_grad():
+        fusion.router.linear.weight[:, 16:] *= 30.0  # an instruction strong enough to change the top-2
+    logits = fusion.router(features, text)
+    visual = fusion.router(features, None)  # the instruction part left out (zeros)
+    probs = fusion(features, text).router_probs
+    kept = visual.topk(2, dim=-1).indices
+    expected = torch.zeros_like(logits).scatter(-1, kept, logits.gather(-1, kept).softmax(dim=-1))
+    torch.testing.assert_close(probs, expected)
+    assert not torch.equal(kept.sort(dim=-1).values, logits.topk(2, dim=-1).indices.sort(dim=-1).values)
+    # The instruction still moves the weights, so it is still trained through them.
+    probs.pow(2).sum().backward()
+    assert fusion.router.linear.weight.grad[:, 16:].abs().sum() > 0
+    assert AstreaModelTester(fusion_router_text_selects=False).model().model.fusion.text_selects is False
+
+
 def test_default_router_reads_the_instruction_rms_normalised():
     config = AstreaModelTester().config
     assert config.fusion_router_input == "visual+text" and config.fusion_router_norm

@@ -113,8 +113,13 @@ def describe_router(router: Mapping | None, image_position: str | None = None) -
         where = {"after": " (the prompt comes first: this is the question)",
                  "before": " (the image comes first: only the chat's opening, not the question)"}.get(image_position or "", "")
         text += f" and the mean embedding of the text before the image{where}"
+        if router.get("text_scale", 1.0) != 1.0:
+            text += f", the text's part scaled by {router['text_scale']:g}"
     unit = "each visual token" if router.get("routing") == "token" else "each image"
-    return f"The router reads {text}; it routes {unit} to its top-{router.get('top_k', '?')} experts."
+    top_k = f"top-{router.get('top_k', '?')} experts"
+    if router.get("input") == "visual+text" and router.get("text_selects", True) is False:
+        return f"The router reads {text}; the image alone chooses the {top_k} for {unit}, and the text weighs them."
+    return f"The router reads {text}; it routes {unit} to its {top_k}."
 
 
 def router_markdown(table: Mapping[str, Mapping[str, float]], expert_order: Sequence[str], n_images: Mapping[str, int] | None = None,

@@ -117,6 +117,9 @@ def test_astrea_eval_cli_end_to_end(workdir, loaded, capsys):
     # Router probabilities: one row per image (2 for the two-image sample), in expert_order, equal
     # to what a plain forward pass of the model returns for that sample.
     assert results["expert_order"] == EXPERTS
+    config = loaded[0].config
+    assert results["router"] == {"input": config.fusion_router_input, "routing": config.fusion_routing, "top_k": config.fusion_top_k,
+                                 "text_scale": config.fusion_router_text_scale, "text_selects": config.fusion_router_text_selects}
     assert [len(s["router_probs"]) for s in samples] == [1, 1, 1, 1, 1, 2]
     for sample in samples:
         for row in sample["router_probs"]:
@@ -265,6 +268,9 @@ def test_routing_summary_and_the_report_say_how_far_routing_follows_the_task(tmp
         "The router reads the experts' projected tokens and the mean embedding of the text before the image "
         "(the prompt comes first: this is the question); it routes each image to its top-3 experts.")
     assert "each visual token" in describe_router({"input": "visual", "routing": "token", "top_k": 2})
+    assert describe_router({"input": "visual+text", "routing": "image", "top_k": 3, "text_scale": 0.1, "text_selects": False}) == (
+        "The router reads the experts' projected tokens and the mean embedding of the text before the image, "
+        "the text's part scaled by 0.1; the image alone chooses the top-3 experts for each image, and the text weighs them.")
     results = _results("qa", [{"question_type": "count", "router_probs": [[0.6, 0.4, 0.0]]}])
     results["router"], results["settings"] = {"input": "visual+text", "routing": "image", "top_k": 2}, {"image_position": "before"}
     md, _ = write_router_report([results], tmp_path, expected={"count": ["b"]})

@@ -59,6 +59,9 @@ class AstreaPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["ExpertTower", "ResidualBridge", "MoEFusion"]
     _skip_keys_device_placement = ["past_key_values"]
+    # Folders saved before the fusion had a selection bias load as they were trained: plain top-k
+    # (the bias initialises to 0), without a missing-weights report.
+    _keys_to_ignore_on_load_missing = [r"fusion\.selection_bias$"]
     # A string attention implementation reaches the towers that can run it; the others keep their
     # default (see `towers.fit_attn_implementation`).
     _supports_sdpa = True

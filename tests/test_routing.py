@@ -183,6 +183,22 @@ def test_text_selects_off_the_image_chooses_the_experts_the_instruction_weighs_t
     assert AstreaModelTester(fusion_router_text_selects=False).model().model.fusion.text_selects is False
 
 
+def test_a_folder_saved_before_the_selection_bias_loads_with_plain_top_k(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from astrea_vlm.modeling import AstreaForConditionalGeneration
+
+    tester = AstreaModelTester()
+    model = tester.model()
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(weights.pop("model.fusion.selection_bias"), torch.zeros(tester.config.num_experts))
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})  # as written before the bias existed
+    reloaded, info = AstreaForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert torch.equal(reloaded.model.fusion.selection_bias, torch.zeros(tester.config.num_experts))
+
+
 def test_default_router_reads_the_instruction_rms_normalised():
     config = AstreaModelTester().config
     assert config.fusion_router_input == "visual+text" and config.fusion_router_norm

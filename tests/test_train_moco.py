@@ -137,7 +137,12 @@ def test_balance_bias_steps_each_expert_towards_its_share_and_travels_with_the_m
     trainer.update_selection_bias()
     assert bias.tolist() == pytest.approx([-0.05, 0.0, 0.0, 0.05])
     assert trainer._step_load is None
+    trainer._step_load = torch.tensor([9.0, 9.0, 6.0, 0.0])  # shares 3/8, 3/8, 1/4, 0: steps -, -, 0, + then centred
+    trainer.update_selection_bias()
+    assert bias.tolist() == pytest.approx([-0.05 - 0.05 + 0.0125, -0.05 + 0.0125, 0.0125, 0.05 + 0.05 + 0.0125])
+    assert float(bias.sum()) == pytest.approx(0.0, abs=1e-7)
     bias.zero_()
+    trainer._selection_bias = None  # the float32 accumulator restarts from the (zeroed) buffer
     trainer._metrics["train"].clear()  # the hand step's logged bias is not a training step's
 
     trainer.train()
@@ -147,7 +152,8 @@ def test_balance_bias_steps_each_expert_towards_its_share_and_travels_with_the_m
     assert len(steps) == 4
     for log in steps:
         share = torch.tensor([log[f"router/load_{r}"] for r in roles]) / model.config.fusion_top_k
-        expected += 0.05 * torch.sign(1.0 / len(roles) - share)
+        step = 0.05 * torch.sign(1.0 / len(roles) - share)
+        expected += step - step.mean()
         assert [log[f"router/bias_{r}"] for r in roles] == pytest.approx(expected.tolist(), abs=1e-6)
     assert bias.abs().sum() > 0
     torch.testing.assert_close(bias, expected)
@@ -157,6 +163,15 @@ def test_balance_bias_steps_each_expert_towards_its_share_and_travels_with_the_m
     model.save_pretrained(tmp_path / "saved")
     reloaded = AstreaForConditionalGeneration.from_pretrained(tmp_path / "saved")
     torch.testing.assert_close(reloaded.model.fusion.selection_bias, bias)
+
+    # A bf16 model: small steps accumulate in float32, not in the buffer (bf16 would stall at 0.25).
+    model.model.fusion.selection_bias = torch.zeros(len(roles), dtype=torch.bfloat16)
+    trainer._selection_bias, trainer.balance_bias_rate = None, 0.0005
+    for _ in range(1000):
+        trainer._step_load = torch.tensor([8.0, 6.0, 6.0, 4.0])
+        trainer.update_selection_bias()
+    assert model.model.fusion.selection_bias.dtype == torch.bfloat16
+    assert model.model.fusion.selection_bias.float().tolist() == pytest.approx([-0.5, 0.0, 0.0, 0.5], abs=4e-3)
 
 
 def test_training_terms_come_from_the_trainer_config(tmp_path):

@@ -125,9 +125,9 @@ class AstreaSFTConfig(SFTConfig):
             each expert's ``selection_bias`` (added to the router logits when choosing the top-k,
             never to the kept experts' weights) moves by this amount: down for an expert that took
             more than its share ``1 / E`` of the step's top-k slots (all micro-batches and
-            processes counted), up for one that took less. No gradient pushes the router towards
-            uniform routing; an expert ranked last is picked again once its bias has risen. The
-            bias is saved with the model. 0: off.
+            processes counted), up for one that took less (then all are shifted to keep the mean
+            at 0). No gradient pushes the router towards uniform routing; an expert ranked last is
+            picked again once its bias has risen. The bias is saved with the model. 0: off.
         gate_lr_multiplier (`float`, defaults to 1.0), router_lr_multiplier (`float`, defaults to 1.0):
             The bridges' tanh gates (a scalar each, starting at 0) and the fusion router train in
             their own optimizer groups at this multiple of the learning rate (same schedule).
@@ -188,6 +188,7 @@ class AstreaSFTTrainer(SFTTrainer):
         self.image_token_id = self.backbone.config.image_token_id
         self.balance_bias_rate = terms["fusion_balance_bias_rate"]
         self._step_load = None  # top-k slots each expert took in the current optimizer step
+        self._selection_bias = None  # float32 accumulator of the fusion's selection bias
         if self.balance_bias_rate > 0:  # before the momentum update, which copies the bias
             self.add_callback(_SelectionBiasUpdate(self))
         self.moco = None
@@ -254,17 +255,24 @@ class AstreaSFTTrainer(SFTTrainer):
     def update_selection_bias(self) -> None:
         """``fusion_balance_bias_rate``'s sign step on the fusion's ``selection_bias``, from the top-k
         slots each expert took in this optimizer step (summed over processes, so every rank applies
-        the same step)."""
+        the same step).
+
+        The bias accumulates in float32 here (a bf16 model's buffer would round small steps away)
+        and is kept centred: only its differences choose experts, and near 0 a low-precision copy
+        resolves them best."""
         if self._step_load is None:
             return
         load = self.accelerator.reduce(self._step_load, reduction="sum")
         self._step_load = None
         share = load / load.sum()
         bias = self.backbone.fusion.selection_bias
+        if self._selection_bias is None:
+            self._selection_bias = bias.detach().float().clone()
         step = self.balance_bias_rate * torch.sign(1.0 / share.numel() - share)
-        bias.add_(step.to(device=bias.device, dtype=bias.dtype))
+        self._selection_bias += step.to(self._selection_bias.device) - step.mean().to(self._selection_bias.device)
+        bias.copy_(self._selection_bias.to(device=bias.device, dtype=bias.dtype))
         for index, role in enumerate(self.expert_order):
-            self._metrics["train"][f"router/bias_{role}"].append(float(bias[index]))
+            self._metrics["train"][f"router/bias_{role}"].append(float(self._selection_bias[index]))
 
     def _global_mean(self, value: torch.Tensor) -> float:
         """Mean over processes: each rank's loss is its share of the global batch's mean."""

@@ -21,7 +21,8 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--
 
 
 def test_two_process_ddp_matches_one_process(tmp_path):
-    module = ["-m", "astrea_vlm.train.distributed_check", "--steps", "3", "--workdir", str(tmp_path / "work")]
+    # With bias balancing on: each step's top-k loads are summed over the processes before the bias moves.
+    module = ["-m", "astrea_vlm.train.distributed_check", "--steps", "3", "--workdir", str(tmp_path / "work"), "--balance-bias-rate", "0.05"]
     run_checked([sys.executable, *module, "--per-device-batch", "4", "--output", str(tmp_path / "single.json")], tmp_path)
     run_checked([*LAUNCH, *module, "--per-device-batch", "2", "--output", str(tmp_path / "ddp.json")], tmp_path)
     single = json.loads((tmp_path / "single.json").read_text())
@@ -29,6 +30,15 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert single["world_size"] == 1 and ddp["world_size"] == 2
     # Same parameters and the same global batch: the first step's L_reg is the same number.
     assert ddp["loss_reg"][0] == pytest.approx(single["loss_reg"][0], rel=1e-5)
+    # ...and the first step's bias update, from the whole global batch's loads, is the same step.
+    assert len(ddp["selection_bias"]) == len(single["selection_bias"]) == 3
+    assert any(single["selection_bias"][0]) and ddp["selection_bias"][0] == pytest.approx(single["selection_bias"][0], abs=1e-7)
+    # Every step's bias follows the rule on the global batch's logged loads (both ranks' images, top-3).
+    bias = [0.0] * 4
+    for load, logged in zip(ddp["router_load"], ddp["selection_bias"]):
+        step = [0.05 * ((x / 3 < 0.25) - (x / 3 > 0.25)) for x in load]
+        bias = [b + d - sum(step) / 4 for b, d in zip(bias, step)]
+        assert logged == pytest.approx(bias, abs=1e-6)
     # Later steps differ only through MoCo's per-rank in-batch negatives and token sampling.
     for a, b in zip(ddp["loss_reg"][1:], single["loss_reg"][1:]):
         assert a == pytest.approx(b, rel=1e-2)

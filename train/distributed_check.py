@@ -64,17 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="/tmp/astrea_distributed_check")
     parser.add_argument("--fail-on-rank", type=int, default=None, help="raise on this rank (tests the failure report)")
     parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (launch with torchrun)")
+    parser.add_argument("--balance-bias-rate", type=float, default=0.0, help="AstreaSFTConfig.fusion_balance_bias_rate")
     args = parser.parse_args(argv)
     if args.fail_on_rank is not None and int(os.environ.get("RANK", "0")) == args.fail_on_rank:
         raise RuntimeError(f"distributed_check: deliberate failure on rank {args.fail_on_rank}")
 
-    from trl import SFTConfig
 
     from ..configuration import get_preset
     from ..modeling import AstreaForConditionalGeneration
     from ..processing import build_processor
     from .stages import configure_stage
-    from .trainer import AstreaSFTTrainer
+    from .trainer import AstreaSFTConfig, AstreaSFTTrainer
 
     config = get_preset("tiny", bridge_p=1.0)  # deterministic residual terms for the comparison
     torch.manual_seed(0)
@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         from .sharding import shard_model
 
         model = shard_model(model)
-    sft_args = SFTConfig(
-        output_dir=args.workdir, max_steps=args.steps, per_device_train_batch_size=args.per_device_batch,
+    sft_args = AstreaSFTConfig(
+        fusion_balance_bias_rate=args.balance_bias_rate, output_dir=args.workdir, max_steps=args.steps, per_device_train_batch_size=args.per_device_batch,
         learning_rate=1e-3, bf16=False, activation_checkpointing=False, logging_steps=1, report_to=[],
         assistant_only_loss=True, save_strategy="no", max_length=None, use_cpu=True, seed=0, data_seed=0,
         disable_tqdm=True, ddp_find_unused_parameters=True,
@@ -101,8 +101,11 @@ def main(argv: list[str] | None = None) -> int:
             from torch.distributed.fsdp import FSDPModule
 
             units = sorted(name or "<root>" for name, module in model.named_modules() if isinstance(module, FSDPModule))
+            roles = list(config.expert_order)
+            biases = [[h[f"router/bias_{r}"] for r in roles] for h in trainer.state.log_history if f"router/bias_{roles[0]}" in h]
+            loads = [[h[f"router/load_{r}"] for r in roles] for h in trainer.state.log_history if f"router/load_{roles[0]}" in h]
             json.dump({"world_size": trainer.accelerator.num_processes, "loss_reg": losses, "sharded_steps": sharded_steps.steps,
-                       "fsdp_units": units}, handle)
+                       "fsdp_units": units, "selection_bias": biases, "router_load": loads}, handle)
     # Tear the process group down on every rank together: a rank that exits while its peer still
     # holds open gloo connections can take the peer down at exit.
     trainer.accelerator.wait_for_everyone()

@@ -253,3 +253,14 @@ def test_text_scale_reaches_the_router_from_the_config():
 def test_invalid_jitter_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         AstreaModelTester(**{field: value})
+
+
+def test_demo_recipe_routes_on_the_instruction_without_rms_normalisation():
+    """The demo's choice on validation (README, "Routing"): the question in, each part as it is."""
+    from astrea_vlm.configuration import get_preset
+    from astrea_vlm.train.recipe import load_recipe
+
+    demo = load_recipe("demo")
+    config = get_preset(demo.model["preset"], **demo.model["overrides"])
+    assert config.fusion_router_input == "visual+text" and not config.fusion_router_norm
+    assert get_preset("tiny").fusion_router_norm  # the config's default is unchanged

@@ -141,6 +141,21 @@ def test_balance_bias_steps_each_expert_towards_its_share_and_travels_with_the_m
     trainer.update_selection_bias()
     assert bias.tolist() == pytest.approx([-0.05 - 0.05 + 0.0125, -0.05 + 0.0125, 0.0125, 0.05 + 0.05 + 0.0125])
     assert float(bias.sum()) == pytest.approx(0.0, abs=1e-7)
+    # Under several processes each rank's loads are summed (accelerator.reduce) before the step, so every
+    # rank moves its bias alike. A stand-in second rank whose 8 images all kept experts 2-4:
+    bias.zero_()
+    trainer._selection_bias = None
+
+    def reduce_with_second_rank(tensor, reduction):
+        assert reduction == "sum"
+        return tensor + torch.tensor([0.0, 8.0, 8.0, 8.0])
+
+    trainer.accelerator.reduce = reduce_with_second_rank
+    trainer._step_load = torch.tensor([8.0, 6.0, 6.0, 4.0])  # this rank alone would step -, 0, 0, + (as above)
+    trainer.update_selection_bias()
+    del trainer.accelerator.reduce  # the real one again
+    # Both ranks: 8 / 14 / 14 / 12 of 48 slots -> shares 1/6, 7/24, 7/24, 1/4: steps +, -, -, 0, centred.
+    assert bias.tolist() == pytest.approx([0.05 + 0.0125, -0.05 + 0.0125, -0.05 + 0.0125, 0.0125])
     bias.zero_()
     trainer._selection_bias = None  # the float32 accumulator restarts from the (zeroed) buffer
     trainer._metrics["train"].clear()  # the hand step's logged bias is not a training step's

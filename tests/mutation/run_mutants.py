@@ -140,6 +140,8 @@ MUTANTS: list[Mutant] = [
        "scores = logits = scores + self.selection_bias.float()", "the balancing bias changes the kept experts' weights too", T_ROUTE),
     _m("bias-update-wrong-sign", TRAINER, "step = self.balance_bias_rate * torch.sign(1.0 / share.numel() - share)",
        "step = self.balance_bias_rate * torch.sign(share - 1.0 / share.numel())", "overloaded experts are made more likely still", (MOCO, ROUTING)),
+    _m("bias-loads-not-reduced", TRAINER, 'load = self.accelerator.reduce(self._step_load, reduction="sum")',
+       "load = self._step_load", "each process steps its balancing bias on its own loads", (MOCO, ROUTING)),
     _m("router-text-ignored", FUSION, "text = torch.zeros_like(expert_features[0][:, 0]) if text_features is None else text_features",
        "text = torch.zeros_like(expert_features[0][:, 0])", "the instruction never reaches the router", T_ROUTE),
     _m("router-jitter-in-eval", FUSION, "if self.training and self.jitter > 0", "if self.jitter > 0", "top-k jittered in evaluation too", T_ROUTE),

@@ -4,9 +4,9 @@
 values), and -- with ``fusion_router_input="visual+text"`` -- the instruction vector the backbone
 passes in (the mean embedding of the text before the image, see ``AstreaModel``), each part
 RMS-normalised (``fusion_router_norm``) and the instruction multiplied by
-``fusion_router_text_scale``. With ``fusion_routing="image"`` it reads the mean-pooled tokens and routes each image once; with
-``"token"`` it reads each token position and routes every visual token on its own (the paper's
-"probability of the tokens being assigned to each expert").
+``fusion_router_text_scale``. With ``fusion_routing="image"`` it reads the mean-pooled tokens and
+routes each image once; with ``"token"`` it reads each token position and routes every visual
+token on its own (the paper's "probability of the tokens being assigned to each expert").
 
 ``MoEFusion`` keeps the top-k router logits, softmaxes over the kept ones (eq. 9 over the surviving
 set; dropped experts get probability exactly 0) and mixes per-expert MLP adapters::
@@ -16,7 +16,8 @@ set; dropped experts get probability exactly 0) and mixes per-expert MLP adapter
 Only the kept experts' adapters run. Which experts are kept may be shifted by a per-expert
 ``selection_bias`` (auxiliary-loss-free balancing), or chosen from the logits without the
 instruction (``fusion_router_text_selects=False``); the weights are always the softmax of the kept
-logits. The optional load-balancing loss is the Switch-Transformer form ``E * sum_i frac_i * mean_prob_i`` with ``frac_i`` the share of top-k slots expert i takes and
+logits. The optional load-balancing loss is the Switch-Transformer form
+``E * sum_i frac_i * mean_prob_i`` with ``frac_i`` the share of top-k slots expert i takes and
 ``mean_prob_i`` its mean full-softmax probability.
 """
 

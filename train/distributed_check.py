@@ -69,7 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.fail_on_rank is not None and int(os.environ.get("RANK", "0")) == args.fail_on_rank:
         raise RuntimeError(f"distributed_check: deliberate failure on rank {args.fail_on_rank}")
 
-
     from ..configuration import get_preset
     from ..modeling import AstreaForConditionalGeneration
     from ..processing import build_processor
@@ -86,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 
         model = shard_model(model)
     sft_args = AstreaSFTConfig(
-        fusion_balance_bias_rate=args.balance_bias_rate, output_dir=args.workdir, max_steps=args.steps, per_device_train_batch_size=args.per_device_batch,
+        fusion_balance_bias_rate=args.balance_bias_rate, output_dir=args.workdir, max_steps=args.steps,
+        per_device_train_batch_size=args.per_device_batch,
         learning_rate=1e-3, bf16=False, activation_checkpointing=False, logging_steps=1, report_to=[],
         assistant_only_loss=True, save_strategy="no", max_length=None, use_cpu=True, seed=0, data_seed=0,
         disable_tqdm=True, ddp_find_unused_parameters=True,
